@@ -1,0 +1,556 @@
+//! The fd table: what keepfix knows about each file descriptor number, lock-free.
+//!
+//! One 16-byte [`Slot`] of atomics per fd number, in chunks of 1024 that are mmapped on first use
+//! (so the table grows with the fds actually used, never to the hard limit up front) and never
+//! freed. Hooks read and write slots with single atomic operations; nothing here locks or
+//! allocates through malloc, so every function is async-signal-safe.
+//!
+//! ## The release protocol
+//! The watchdog may replace a socket the program forgot (state `Tracked`) with a placeholder.
+//! Between its decision and its dup3() the program may close the number and get it back from
+//! accept(). So every hook that changes what a number refers to first *claims* the slot with a
+//! compare-and-swap that bumps its generation, and the watchdog moves a slot to `Releasing` only
+//! by a compare-and-swap from the exact word it inspected. Whoever swaps first wins; a hook that
+//! finds `Releasing` waits for the watchdog's two system calls to finish (the only wait in a hook).
+
+use core::ptr::null_mut;
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use rustix::fd::RawFd;
+
+const CHUNK_SHIFT: u32 = 10;
+const CHUNK_LEN: usize = 1 << CHUNK_SHIFT;
+const DIR_LEN: usize = 1 << 12;
+/// fds at or above this are not tracked (4 194 304, above any sane RLIMIT_NOFILE).
+pub const MAX_FD: usize = DIR_LEN * CHUNK_LEN;
+
+/// What an fd number holds, as far as keepfix knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Nothing keepfix tracks.
+    None = 0,
+    /// A TCP socket keepfix tracks.
+    Tracked = 1,
+    /// The watchdog is swapping a placeholder in, right now.
+    Releasing = 2,
+    /// keepfix released the socket; the number holds a placeholder the program still owns.
+    Placeholder = 3,
+    /// keepfix really closed the placeholder to free the fd; a later close() of this number by
+    /// the program is answered 0, unless the number was reused meanwhile.
+    Vacated = 4,
+    /// One of keepfix's own fds: invisible to the program's close().
+    Own = 5,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// socket() was called; neither listen() nor connect() yet.
+    Socket = 0,
+    Listener = 1,
+    Accepted = 2,
+    Outbound = 3,
+    /// A connection open when the library loaded (inetd style).
+    Inherited = 4,
+    /// A listener open when the library loaded (systemd socket activation).
+    InheritedListener = 5,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Socket => "socket",
+            Role::Listener => "listener",
+            Role::Accepted => "accepted",
+            Role::Outbound => "outbound",
+            Role::Inherited => "inherited",
+            Role::InheritedListener => "inherited-listener",
+        }
+    }
+    pub fn is_listener(self) -> bool {
+        matches!(self, Role::Listener | Role::InheritedListener)
+    }
+    pub const ALL: [Role; 6] =
+        [Role::Socket, Role::Listener, Role::Accepted, Role::Outbound, Role::Inherited, Role::InheritedListener];
+}
+
+/// Flag bits of [`Meta`].
+pub mod flag {
+    /// keepalive options are on the socket (set by keepfix, or inherited from a listener it set).
+    pub const CONFIGURED: u32 = 1 << 0;
+    /// A listener whose queued connections may predate its options: check what accept() returns.
+    pub const CHECK_ACCEPTED: u32 = 1 << 1;
+    /// Known to have been connected: accepted, connect() returned 0, or seen ESTABLISHED.
+    pub const CONNECTED: u32 = 1 << 2;
+    /// Another fd of this process may refer to the same socket (dup, dup2, F_DUPFD).
+    pub const SHARED: u32 = 1 << 3;
+    /// In the watchdog's epoll set.
+    pub const WATCHED: u32 = 1 << 4;
+    /// keepfix has acted on this socket already (shutdown, or logged as left in CLOSE_WAIT).
+    pub const ACTED: u32 = 1 << 5;
+    /// The program set these keepalive options itself (KEEPFIX_RESPECT_APP bookkeeping).
+    pub const APP_KEEPALIVE: u32 = 1 << 6;
+    pub const APP_IDLE: u32 = 1 << 7;
+    pub const APP_INTVL: u32 = 1 << 8;
+    pub const APP_CNT: u32 = 1 << 9;
+    pub const APP_USER_TIMEOUT: u32 = 1 << 10;
+    pub const APP_ANY: u32 = APP_KEEPALIVE | APP_IDLE | APP_INTVL | APP_CNT | APP_USER_TIMEOUT;
+    /// connect() is in progress (EINPROGRESS): the watchdog watches for it to complete.
+    pub const CONNECTING: u32 = 1 << 11;
+}
+
+/// The first word of a slot: state, role, family, flags and generation, packed so that one
+/// compare-and-swap covers them all.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Meta(pub u64);
+
+impl Meta {
+    const STATE_MASK: u64 = 0x7;
+    const ROLE_SHIFT: u32 = 3;
+    const V6_BIT: u64 = 1 << 6;
+    const FLAG_SHIFT: u32 = 7;
+    const GEN_SHIFT: u32 = 32;
+
+    pub fn new(state: State, role: Role, v6: bool, flags: u32, generation: u32) -> Meta {
+        Meta(
+            state as u64
+                | (role as u64) << Self::ROLE_SHIFT
+                | if v6 { Self::V6_BIT } else { 0 }
+                | u64::from(flags & 0x01ff_ffff) << Self::FLAG_SHIFT
+                | u64::from(generation) << Self::GEN_SHIFT,
+        )
+    }
+    pub fn state(self) -> State {
+        match self.0 & Self::STATE_MASK {
+            1 => State::Tracked,
+            2 => State::Releasing,
+            3 => State::Placeholder,
+            4 => State::Vacated,
+            5 => State::Own,
+            _ => State::None,
+        }
+    }
+    pub fn role(self) -> Role {
+        match (self.0 >> Self::ROLE_SHIFT) & 0x7 {
+            1 => Role::Listener,
+            2 => Role::Accepted,
+            3 => Role::Outbound,
+            4 => Role::Inherited,
+            5 => Role::InheritedListener,
+            _ => Role::Socket,
+        }
+    }
+    pub fn v6(self) -> bool {
+        self.0 & Self::V6_BIT != 0
+    }
+    pub fn flags(self) -> u32 {
+        ((self.0 >> Self::FLAG_SHIFT) & 0x01ff_ffff) as u32
+    }
+    pub fn has(self, f: u32) -> bool {
+        self.flags() & f == f
+    }
+    pub fn generation(self) -> u32 {
+        (self.0 >> Self::GEN_SHIFT) as u32
+    }
+    pub fn with_state(self, s: State) -> Meta {
+        Meta((self.0 & !Self::STATE_MASK) | s as u64)
+    }
+    pub fn with_role(self, r: Role) -> Meta {
+        Meta::new(self.state(), r, self.v6(), self.flags(), self.generation())
+    }
+    pub fn with_flags(self, set: u32, clear: u32) -> Meta {
+        Meta::new(self.state(), self.role(), self.v6(), (self.flags() & !clear) | set, self.generation())
+    }
+    /// The same content under the next generation: what a hook writes when it claims a slot.
+    pub fn next_gen(self) -> Meta {
+        Meta::new(self.state(), self.role(), self.v6(), self.flags(), self.generation().wrapping_add(1))
+    }
+    pub fn with_generation(self, g: u32) -> Meta {
+        Meta((self.0 & 0xffff_ffff) | u64::from(g) << Self::GEN_SHIFT)
+    }
+    pub fn is_tracked(self) -> bool {
+        self.state() == State::Tracked
+    }
+}
+
+impl core::fmt::Debug for Meta {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "Meta({:?} {} v6={} flags={:#x} gen={})",
+            self.state(),
+            self.role().name(),
+            self.v6(),
+            self.flags(),
+            self.generation()
+        )
+    }
+}
+
+/// One fd number's entry: 16 bytes.
+#[repr(C)]
+pub struct Slot {
+    meta: AtomicU64,
+    /// Low half: when keepfix first saw this socket (or released it), in coarse monotonic
+    /// seconds. High half: the fork epoch at that time (see [`fork_epoch`]).
+    info: AtomicU64,
+}
+
+const _: () = assert!(core::mem::size_of::<Slot>() == 16);
+
+#[repr(C)]
+struct Chunk {
+    slots: [Slot; CHUNK_LEN],
+}
+
+static DIR: [AtomicPtr<Chunk>; DIR_LEN] = [const { AtomicPtr::new(null_mut()) }; DIR_LEN];
+/// One bit per chunk: a socket was newly tracked in it since the watchdog last looked.
+static DIRTY: [AtomicU64; DIR_LEN / 64] = [const { AtomicU64::new(0) }; DIR_LEN / 64];
+/// One past the highest chunk ever allocated: scans stop there.
+static CHUNKS_END: AtomicUsize = AtomicUsize::new(0);
+/// Chunks allocated, for the memory figure in metrics.
+static CHUNKS_ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+/// Counts fork() calls of this process and its ancestors since load: a socket seen before the
+/// latest fork may have a copy in a child process.
+static FORK_EPOCH: AtomicU32 = AtomicU32::new(0);
+
+pub fn fork_epoch() -> u32 {
+    FORK_EPOCH.load(Relaxed)
+}
+
+/// Called in fork()'s prepare step: sockets tracked so far may now be shared with a child.
+pub fn note_fork() {
+    FORK_EPOCH.fetch_add(1, Relaxed);
+}
+
+/// The slot of `fd`, if its chunk exists. Never allocates.
+#[inline]
+pub fn slot(fd: RawFd) -> Option<&'static Slot> {
+    let fd = usize::try_from(fd).ok()?;
+    let chunk = DIR.get(fd >> CHUNK_SHIFT)?.load(Acquire);
+    if chunk.is_null() {
+        return None;
+    }
+    // SAFETY: chunks are never freed, and a non-null pointer was published with Release after
+    // its (zeroed) memory was mapped.
+    unsafe { (*chunk).slots.get(fd & (CHUNK_LEN - 1)) }
+}
+
+/// The slot of `fd`, mapping its chunk if needed (one mmap per 1024 fd numbers, ever).
+/// `None` if the fd is out of range or the kernel refused memory: the fd then goes untracked.
+pub fn slot_alloc(fd: RawFd) -> Option<&'static Slot> {
+    if let Some(s) = slot(fd) {
+        return Some(s);
+    }
+    let idx = usize::try_from(fd).ok()? >> CHUNK_SHIFT;
+    let cell = DIR.get(idx)?;
+    let size = core::mem::size_of::<Chunk>();
+    // SAFETY: a fresh anonymous mapping; zeroed memory is a valid Chunk (all atomics 0 = None).
+    let p = unsafe {
+        rustix::mm::mmap_anonymous(
+            null_mut(),
+            size,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE,
+        )
+    }
+    .ok()? as *mut Chunk;
+    match cell.compare_exchange(null_mut(), p, AcqRel, Acquire) {
+        Ok(_) => {
+            CHUNKS_END.fetch_max(idx + 1, AcqRel);
+            CHUNKS_ALLOCATED.fetch_add(1, Relaxed);
+        }
+        Err(_) => {
+            // Another thread mapped it first: use theirs.
+            // SAFETY: p is our own mapping, never published.
+            let _ = unsafe { rustix::mm::munmap(p.cast(), size) };
+        }
+    }
+    slot(fd)
+}
+
+/// Bytes of table memory mapped so far.
+pub fn mapped_bytes() -> usize {
+    CHUNKS_ALLOCATED.load(Relaxed) * core::mem::size_of::<Chunk>()
+}
+
+fn mark_dirty(fd: RawFd) {
+    let chunk = (fd as usize) >> CHUNK_SHIFT;
+    if let Some(word) = DIRTY.get(chunk / 64) {
+        let bit = 1u64 << (chunk % 64);
+        // Load first: the common case is "already set", and a load keeps the line shared.
+        if word.load(Relaxed) & bit == 0 {
+            word.fetch_or(bit, Release);
+        }
+    }
+}
+
+/// Waits for a `Releasing` slot to settle. The watchdog holds that state across two or three
+/// non-blocking system calls; after fork a child resets it (see [`reset_releasing`]). The bound
+/// is a last resort against a bug, so that a hook can never hang for ever.
+fn wait_settled(slot: &Slot) -> Meta {
+    let mut spins = 0u32;
+    let start = crate::sys::now_ms();
+    loop {
+        let m = Meta(slot.meta.load(Acquire));
+        if m.state() != State::Releasing {
+            return m;
+        }
+        spins += 1;
+        if spins < 64 {
+            core::hint::spin_loop();
+        } else {
+            rustix::thread::sched_yield();
+            if crate::sys::now_ms().wrapping_sub(start) > 5000 {
+                // Hand back the word as it is: the caller's compare-and-swap then takes the slot
+                // over from the stuck release.
+                crate::log::defer(crate::log::Deferred::StuckRelease, -1, 0, 0);
+                return m;
+            }
+        }
+    }
+}
+
+impl Slot {
+    pub fn load(&self) -> Meta {
+        Meta(self.meta.load(Acquire))
+    }
+
+    /// When keepfix first saw the socket (coarse monotonic seconds) and the fork epoch then.
+    pub fn info(&self) -> (u32, u32) {
+        let v = self.info.load(Relaxed);
+        (v as u32, (v >> 32) as u32)
+    }
+
+    pub fn set_seen(&self, seen_s: u32) {
+        self.info.store(u64::from(seen_s) | u64::from(fork_epoch()) << 32, Relaxed);
+    }
+
+    /// Applies `f` to the current word with a compare-and-swap loop, after any release settles.
+    /// `f` returns the new word, or `None` to leave the slot as it is. Returns (old, new).
+    pub fn update(&self, mut f: impl FnMut(Meta) -> Option<Meta>) -> (Meta, Meta) {
+        let mut cur = wait_settled(self);
+        let mut stuck = cur.state() == State::Releasing;
+        loop {
+            let Some(new) = f(cur) else { return (cur, cur) };
+            match self.meta.compare_exchange_weak(cur.0, new.0, AcqRel, Acquire) {
+                Ok(_) => return (cur, new),
+                Err(actual) => {
+                    cur = Meta(actual);
+                    if cur.state() == State::Releasing && !stuck {
+                        cur = wait_settled(self);
+                        stuck = cur.state() == State::Releasing;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new socket got this number (socket, accept, dup): whatever was here is gone.
+    pub fn track(&self, fd: RawFd, role: Role, v6: bool, flags: u32, seen_s: u32) -> Meta {
+        let (_, new) =
+            self.update(|old| Some(Meta::new(State::Tracked, role, v6, flags, old.generation().wrapping_add(1))));
+        self.set_seen(seen_s);
+        mark_dirty(fd);
+        new
+    }
+
+    /// The number is about to be closed or replaced by the program: forget it (keepfix's own fds
+    /// excepted). Returns the word it had, so the caller knows what the program is closing.
+    pub fn claim(&self) -> Meta {
+        let (old, _) = self.update(|old| match old.state() {
+            State::None | State::Own => None,
+            _ => Some(Meta::new(State::None, Role::Socket, false, 0, old.generation().wrapping_add(1))),
+        });
+        old
+    }
+
+    /// Puts back a word taken by [`Slot::claim`] when the call it guarded failed and changed
+    /// nothing; only if no one has touched the slot since.
+    pub fn unclaim(&self, old: Meta) {
+        let claimed = Meta::new(State::None, Role::Socket, false, 0, old.generation().wrapping_add(1));
+        let back = Meta::new(old.state(), old.role(), old.v6(), old.flags(), old.generation().wrapping_add(2));
+        let _ = self.meta.compare_exchange(claimed.0, back.0, AcqRel, Relaxed);
+    }
+
+    /// Sets and clears flags on a tracked slot (any other state is left alone).
+    pub fn set_flags(&self, set: u32, clear: u32) -> Meta {
+        self.update(|m| {
+            (m.is_tracked() && (m.flags() & set != set || m.flags() & clear != 0)).then(|| m.with_flags(set, clear))
+        })
+        .1
+    }
+
+    /// Replaces the word if it is still exactly `expected`; bumps the generation. The watchdog's
+    /// only way to change a slot the program may be changing too.
+    pub fn replace_if(&self, expected: Meta, new: Meta) -> bool {
+        self.meta.compare_exchange(expected.0, new.next_gen().0, AcqRel, Acquire).is_ok()
+    }
+
+    /// The watchdog starts a release of the socket it inspected as `expected`.
+    pub fn begin_release(&self, expected: Meta) -> Option<Meta> {
+        let rel = expected.with_state(State::Releasing);
+        self.meta.compare_exchange(expected.0, rel.0, AcqRel, Acquire).ok().map(|_| rel)
+    }
+
+    /// Ends a release begun with [`Slot::begin_release`]: stores `new` under the next generation.
+    /// A placeholder's or a vacated number's time is when it became one (for oldest-first).
+    pub fn end_release(&self, rel: Meta, new: Meta, when_s: u32) {
+        if new.state() != State::Tracked {
+            self.set_seen(when_s);
+        }
+        self.meta.store(Meta(new.0).with_generation(rel.generation().wrapping_add(1)).0, Release);
+    }
+
+    /// Changes flags the watchdog keeps (WATCHED, ACTED, CONNECTED) if the word is still exactly
+    /// `expected`, without a new generation: the socket is the same one.
+    pub fn replace_same_gen(&self, expected: Meta, new: Meta) -> bool {
+        self.meta.compare_exchange(expected.0, new.with_generation(expected.generation()).0, AcqRel, Acquire).is_ok()
+    }
+
+    /// Forgets whatever the slot says, whatever its state: the kernel just gave the number out
+    /// afresh, so it is stale (even an Own mark: our fd was closed behind our back).
+    pub fn reset(&self) {
+        self.update(|m| {
+            (m.state() != State::None)
+                .then(|| Meta::new(State::None, Role::Socket, false, 0, m.generation().wrapping_add(1)))
+        });
+    }
+
+    /// Marks one of keepfix's own fds.
+    pub fn set_own(&self) {
+        self.update(|m| Some(Meta::new(State::Own, Role::Socket, false, 0, m.generation().wrapping_add(1))));
+    }
+
+    /// Unmarks one of keepfix's own fds before keepfix closes it.
+    pub fn clear_own(&self) {
+        self.update(|m| {
+            (m.state() == State::Own)
+                .then(|| Meta::new(State::None, Role::Socket, false, 0, m.generation().wrapping_add(1)))
+        });
+    }
+}
+
+/// Calls `f(fd, slot)` for every fd in `first..=last` whose chunk exists. O(mapped chunks in the
+/// range), for close_range, closefrom and the watchdog's sweeps.
+pub fn for_each(first: usize, last: usize, mut f: impl FnMut(RawFd, &'static Slot)) {
+    let end_chunk = CHUNKS_END.load(Acquire);
+    let mut c = first >> CHUNK_SHIFT;
+    while c < end_chunk && c <= last >> CHUNK_SHIFT {
+        let p = DIR.get(c).map_or(null_mut(), |d| d.load(Acquire));
+        if !p.is_null() {
+            let lo = (c << CHUNK_SHIFT).max(first);
+            let hi = ((c << CHUNK_SHIFT) + CHUNK_LEN - 1).min(last);
+            for fd in lo..=hi {
+                // SAFETY: as in slot().
+                if let Some(s) = unsafe { (*p).slots.get(fd & (CHUNK_LEN - 1)) } {
+                    f(fd as RawFd, s);
+                }
+            }
+        }
+        c += 1;
+    }
+}
+
+/// Calls `f` for every slot in chunks marked dirty since the last call, and clears the marks.
+/// The watchdog's way to find new sockets without walking every long-lived connection.
+pub fn drain_dirty(mut f: impl FnMut(RawFd, &'static Slot)) {
+    for (w, word) in DIRTY.iter().enumerate() {
+        if word.load(Relaxed) == 0 {
+            continue;
+        }
+        let bits = word.swap(0, Acquire);
+        for b in 0..64 {
+            if bits & (1 << b) != 0 {
+                let c = w * 64 + b;
+                for_each(c << CHUNK_SHIFT, (c << CHUNK_SHIFT) + CHUNK_LEN - 1, &mut f);
+            }
+        }
+    }
+}
+
+/// Marks every mapped chunk dirty, so the watchdog looks at all of it again.
+pub fn mark_all_dirty_again() {
+    let end = CHUNKS_END.load(Acquire);
+    for c in 0..end {
+        if let Some(w) = DIRTY.get(c / 64) {
+            w.fetch_or(1 << (c % 64), Release);
+        }
+    }
+}
+
+/// After fork(), in the child: a release the parent's watchdog had under way will never finish
+/// here, since the watchdog thread does not exist in the child.
+pub fn reset_releasing(fd: RawFd) {
+    if let Some(s) = slot(fd) {
+        let m = s.load();
+        if m.state() == State::Releasing {
+            // The child's fd is the socket or the placeholder, depending on when fork() came; the
+            // child's watchdog re-checks what it is before doing anything.
+            s.meta.store(m.with_state(State::Tracked).next_gen().0, Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_packs_and_unpacks() {
+        let m = Meta::new(State::Tracked, Role::Outbound, true, flag::CONNECTED | flag::SHARED, 0xdead_beef);
+        assert_eq!(m.state(), State::Tracked);
+        assert_eq!(m.role(), Role::Outbound);
+        assert!(m.v6());
+        assert!(m.has(flag::CONNECTED) && m.has(flag::SHARED) && !m.has(flag::WATCHED));
+        assert_eq!(m.generation(), 0xdead_beef);
+        assert_eq!(m.next_gen().generation(), 0xdead_bef0);
+        assert_eq!(m.with_state(State::Releasing).role(), Role::Outbound);
+        assert_eq!(Meta(0).state(), State::None);
+    }
+
+    #[test]
+    fn claim_bumps_generation_so_a_stale_release_fails() {
+        let s = slot_alloc(5000).unwrap();
+        let seen = s.track(5000, Role::Accepted, false, 0, 1);
+        // The watchdog inspected `seen`; the program closes the fd and accept() reuses it.
+        assert_eq!(s.claim().state(), State::Tracked);
+        let again = s.track(5000, Role::Accepted, false, 0, 2);
+        assert_ne!(seen, again);
+        assert!(s.begin_release(seen).is_none());
+        let rel = s.begin_release(again).unwrap();
+        s.end_release(rel, rel.with_state(State::Placeholder), 3);
+        assert_eq!(s.load().state(), State::Placeholder);
+        assert_eq!(s.claim().state(), State::Placeholder);
+        assert_eq!(s.load().state(), State::None);
+    }
+
+    #[test]
+    fn own_fds_survive_claims() {
+        let s = slot_alloc(5001).unwrap();
+        s.set_own();
+        assert_eq!(s.claim().state(), State::Own);
+        assert_eq!(s.load().state(), State::Own);
+        s.clear_own();
+        assert_eq!(s.load().state(), State::None);
+    }
+
+    #[test]
+    fn unclaim_restores_only_an_untouched_slot() {
+        let s = slot_alloc(5002).unwrap();
+        s.track(5002, Role::Listener, false, flag::CONFIGURED, 1);
+        let old = s.claim();
+        s.unclaim(old);
+        assert_eq!(s.load().role(), Role::Listener);
+        let old = s.claim();
+        s.track(5002, Role::Accepted, false, 0, 1);
+        s.unclaim(old);
+        assert_eq!(s.load().role(), Role::Accepted);
+    }
+
+    #[test]
+    fn out_of_range_fds_are_untracked() {
+        assert!(slot(-1).is_none());
+        assert!(slot_alloc(MAX_FD as RawFd).is_none());
+    }
+}

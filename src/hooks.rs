@@ -1,0 +1,589 @@
+//! The interposed libc functions: the only code a program calls into.
+//!
+//! Each hook calls the real function and returns exactly what it returned, with its errno. Around
+//! that call it keeps the fd table right and puts keepalive on TCP sockets, using only atomics and
+//! raw syscalls (which leave errno alone). The common case (an fd keepfix does not track) costs an
+//! atomic load or two. Hooks never lock, never allocate, never log (they defer to the watchdog),
+//! and never start the watchdog from a call a signal handler or a vfork child would make.
+//!
+//! `hooks!` generates, for each function: the exported symbol, the lookup of the real one, and the
+//! pass-through used while keepfix is inactive (before the constructor, when disabled, in a vfork
+//! child). A symbol missing from the C library makes its hook fail with ENOSYS.
+
+use crate::fdtable::{self, Meta, Role, State, flag};
+use crate::keepalive::{self, Opt};
+use crate::runtime::Runtime;
+use crate::sys::{self, errno, set_errno};
+use crate::{closewait, nofile, watchdog};
+use core::ffi::{c_int, c_uint, c_void};
+use libc::{fd_set, rlimit, sockaddr, socklen_t, timespec, timeval};
+
+macro_rules! hooks {
+    ($( fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> c_int => $imp:path; )*) => {
+        mod sym {
+            use crate::real::Sym;
+            $(
+                #[allow(non_upper_case_globals)]
+                pub static $name: Sym = Sym::new(match core::ffi::CStr::from_bytes_with_nul(
+                    concat!(stringify!($name), "\0").as_bytes()) { Ok(c) => c, Err(_) => panic!() });
+            )*
+        }
+
+        /// The functions we interpose, as the C library implements them.
+        pub mod real {
+            use super::*;
+            $(
+                #[inline]
+                pub unsafe fn $name($($arg: $ty),*) -> c_int {
+                    let p = sym::$name.get();
+                    if p.is_null() {
+                        set_errno(libc::ENOSYS);
+                        return -1;
+                    }
+                    // SAFETY: dlsym found the C library's function of this name and signature.
+                    let f: unsafe extern "C" fn($($ty),*) -> c_int = unsafe { core::mem::transmute(p) };
+                    unsafe { f($($arg),*) }
+                }
+            )*
+        }
+
+        $(
+            #[cfg_attr(not(test), unsafe(no_mangle))]
+            pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
+                match crate::runtime::active() {
+                    // SAFETY: the program's arguments, passed on as they came.
+                    Some(rt) => unsafe { $imp(rt, $($arg),*) },
+                    None => unsafe { real::$name($($arg),*) },
+                }
+            }
+        )*
+
+        /// Looks every real function up now, so that no hook ever enters dlsym later.
+        pub fn resolve_all() {
+            $( sym::$name.resolve(); )*
+            SYM_FCNTL.resolve();
+            SYM_FCNTL64.resolve();
+            SYM_CLOSEFROM.resolve();
+        }
+    };
+}
+
+hooks! {
+    fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int => on_socket;
+    fn listen(fd: c_int, backlog: c_int) -> c_int => on_listen;
+    fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int => on_accept;
+    fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int => on_accept4;
+    fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int => on_connect;
+    fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int => on_setsockopt;
+    fn close(fd: c_int) -> c_int => on_close;
+    fn dup(fd: c_int) -> c_int => on_dup;
+    fn dup2(old: c_int, new: c_int) -> c_int => on_dup2;
+    fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int => on_dup3;
+    fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int => on_close_range;
+    fn select(n: c_int, r: *mut fd_set, w: *mut fd_set, e: *mut fd_set, t: *mut timeval) -> c_int => on_select;
+    fn pselect(n: c_int, r: *mut fd_set, w: *mut fd_set, e: *mut fd_set, t: *const timespec, m: *const libc::sigset_t) -> c_int => on_pselect;
+    fn setrlimit(resource: c_int, rlim: *const rlimit) -> c_int => on_setrlimit;
+    fn setrlimit64(resource: c_int, rlim: *const rlimit) -> c_int => on_setrlimit64;
+    fn prlimit(pid: libc::pid_t, resource: c_int, new: *const rlimit, old: *mut rlimit) -> c_int => on_prlimit;
+    fn prlimit64(pid: libc::pid_t, resource: c_int, new: *const rlimit, old: *mut rlimit) -> c_int => on_prlimit64;
+}
+
+// --- Sockets ----------------------------------------------------------------------------------
+
+unsafe fn on_socket(rt: &'static Runtime, domain: c_int, ty: c_int, protocol: c_int) -> c_int {
+    let fd = unsafe { real::socket(domain, ty, protocol) };
+    if fd < 0 {
+        return fd;
+    }
+    match keepalive::is_tcp_request(domain, ty, protocol) {
+        // Options wait for listen() or connect(): a socket that does neither costs nothing.
+        Some(v6) => {
+            if let Some(slot) = fdtable::slot_alloc(fd) {
+                slot.track(fd, Role::Socket, v6, 0, sys::now_s());
+                watchdog::ensure_started(rt);
+            }
+        }
+        None => forget(fd),
+    }
+    fd
+}
+
+unsafe fn on_listen(rt: &'static Runtime, fd: c_int, backlog: c_int) -> c_int {
+    // Options must be on the listener before connections arrive: accepted sockets copy them when
+    // their handshake completes, and then no accept() costs a system call.
+    let slot = match fdtable::slot(fd).filter(|s| s.load().is_tracked()) {
+        Some(s) => Some(s),
+        // A TCP socket keepfix has not seen made (by a raw syscall, say): adopt it now.
+        None => sys::borrow(fd)
+            .and_then(keepalive::probe_tcp)
+            .and_then(|v6| fdtable::slot_alloc(fd).map(|s| (s, v6)))
+            .map(|(s, v6)| {
+                s.track(fd, Role::Socket, v6, 0, sys::now_s());
+                s
+            }),
+    };
+    if let Some(s) = slot {
+        if !s.load().has(flag::CONFIGURED) {
+            keepalive::configure(fd, s, &rt.ka);
+        }
+    }
+    let r = unsafe { real::listen(fd, backlog) };
+    if r == 0 {
+        if let Some(s) = slot {
+            s.update(|m| (m.is_tracked() && m.role() == Role::Socket).then(|| m.with_role(Role::Listener)));
+            watchdog::ensure_started(rt);
+        }
+    }
+    r
+}
+
+unsafe fn on_accept(rt: &'static Runtime, fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    let r = unsafe { real::accept(fd, addr, len) };
+    if r >= 0 {
+        on_accepted(rt, fd, r);
+        return r;
+    }
+    let e = errno();
+    if e == libc::EMFILE || e == libc::ENFILE {
+        return nofile::accept_failed(rt, fd, e, &mut || unsafe { real::accept(fd, addr, len) }, &|n| {
+            on_accepted(rt, fd, n)
+        });
+    }
+    r
+}
+
+unsafe fn on_accept4(rt: &'static Runtime, fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    let r = unsafe { real::accept4(fd, addr, len, flags) };
+    if r >= 0 {
+        on_accepted(rt, fd, r);
+        return r;
+    }
+    let e = errno();
+    if e == libc::EMFILE || e == libc::ENFILE {
+        return nofile::accept_failed(rt, fd, e, &mut || unsafe { real::accept4(fd, addr, len, flags) }, &|n| {
+            on_accepted(rt, fd, n)
+        });
+    }
+    r
+}
+
+/// Tracks a socket accept() returned. Zero system calls when the listener was configured before
+/// its connections arrived (keepalive is inherited); otherwise one getsockopt, plus the options
+/// when the connection predates them.
+fn on_accepted(rt: &'static Runtime, lfd: c_int, nfd: c_int) {
+    nofile::saw_fd(nfd);
+    let Some((ls, lm)) = fdtable::slot(lfd).map(|s| (s, s.load())).filter(|(_, m)| m.is_tracked()) else {
+        forget(nfd);
+        return;
+    };
+    let Some(ns) = fdtable::slot_alloc(nfd) else { return };
+    let app = lm.flags() & flag::APP_ANY;
+    let inherited = lm.has(flag::CONFIGURED) && !lm.has(flag::CHECK_ACCEPTED);
+    let flags = flag::CONNECTED | app | if inherited { flag::CONFIGURED } else { 0 };
+    ns.track(nfd, Role::Accepted, lm.v6(), flags, sys::now_s());
+    if !inherited {
+        if lm.has(flag::CHECK_ACCEPTED) && lm.has(flag::CONFIGURED) && keepalive::has_ours(nfd, &rt.ka, app) {
+            // This connection completed its handshake after keepfix configured the listener. The
+            // accept queue is FIFO, so every later one did too: stop checking.
+            ls.set_flags(0, flag::CHECK_ACCEPTED);
+            ns.set_flags(flag::CONFIGURED, 0);
+        } else {
+            keepalive::configure(nfd, ns, &rt.ka);
+        }
+    }
+    watchdog::ensure_started(rt);
+}
+
+unsafe fn on_connect(rt: &'static Runtime, fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    let Some(s) = fdtable::slot(fd).filter(|s| s.load().is_tracked()) else {
+        return unsafe { real::connect(fd, addr, len) };
+    };
+    if !s.load().has(flag::CONFIGURED) {
+        keepalive::configure(fd, s, &rt.ka);
+    }
+    let r = unsafe { real::connect(fd, addr, len) };
+    let e = errno();
+    // The kernel read *addr only if it did not fail with EFAULT; look at it only after success.
+    let unspec = (r == 0 || e == libc::EINPROGRESS || e == libc::EALREADY)
+        && !addr.is_null()
+        && len as usize >= core::mem::size_of::<libc::sa_family_t>()
+        && i32::from(unsafe { core::ptr::read_unaligned(addr.cast::<libc::sa_family_t>()) }) == libc::AF_UNSPEC;
+    if unspec {
+        // connect(AF_UNSPEC) disconnects: the socket is fresh again.
+        if r == 0 {
+            s.set_flags(0, flag::CONNECTED | flag::CONNECTING);
+        }
+    } else if r == 0 {
+        s.update(|m| m.is_tracked().then(|| outbound(m).with_flags(flag::CONNECTED, flag::CONNECTING)));
+    } else if e == libc::EINPROGRESS {
+        s.update(|m| m.is_tracked().then(|| outbound(m).with_flags(flag::CONNECTING, 0)));
+    }
+    watchdog::ensure_started(rt);
+    set_errno(e);
+    r
+}
+
+fn outbound(m: Meta) -> Meta {
+    if m.role() == Role::Socket { m.with_role(Role::Outbound) } else { m }
+}
+
+unsafe fn on_setsockopt(
+    rt: &'static Runtime,
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *const c_void,
+    len: socklen_t,
+) -> c_int {
+    let r = unsafe { real::setsockopt(fd, level, name, val, len) };
+    let Some(opt) = Opt::of(level, name) else { return r };
+    if r != 0 {
+        return r;
+    }
+    let Some(s) = fdtable::slot(fd).filter(|s| s.load().is_tracked()) else { return r };
+    // The call succeeded, so the kernel read an int from val: it is valid to read here.
+    let value =
+        (!val.is_null() && len as usize >= 4).then(|| unsafe { core::ptr::read_unaligned(val.cast::<c_int>()) });
+    if rt.ka.respect_app {
+        // The program's own settings win, on this socket and on what a listener passes on.
+        s.set_flags(opt.app_flag(), 0);
+        return r;
+    }
+    let Some(ours) = opt.ours(&rt.ka) else { return r };
+    if value.is_some_and(|v| v as u32 == ours) {
+        return r;
+    }
+    // keepfix's settings win: put ours back. The program still gets what libc returned.
+    let kept = keepalive::reapply(fd, opt, &rt.ka).is_ok();
+    if keepalive::first_override(opt) {
+        crate::log::defer(crate::log::Deferred::AppKeepaliveOff, fd, opt.index(), i64::from(kept));
+    }
+    r
+}
+
+// --- The fd set -------------------------------------------------------------------------------
+
+/// A number the kernel just handed out for something keepfix does not track: whatever the table
+/// remembers of that number is stale.
+#[inline]
+fn forget(fd: c_int) {
+    if let Some(s) = fdtable::slot(fd) {
+        if s.load().state() != State::None {
+            s.reset();
+        }
+    }
+}
+
+unsafe fn on_close(_rt: &'static Runtime, fd: c_int) -> c_int {
+    let Some(s) = fdtable::slot(fd) else { return unsafe { real::close(fd) } };
+    if s.load().state() == State::None {
+        return unsafe { real::close(fd) };
+    }
+    let saved = errno();
+    let old = s.claim();
+    match old.state() {
+        // keepfix's own fd: to the program it does not exist (a close-everything loop, say).
+        State::Own => {
+            set_errno(libc::EBADF);
+            -1
+        }
+        State::Vacated => {
+            // keepfix closed this number to free an fd; the program closes it now. It succeeds,
+            // unless the number holds something new, which is then the program's to close.
+            let r = unsafe { real::close(fd) };
+            if r == -1 && errno() == libc::EBADF {
+                closewait::note_program_closed(true);
+                set_errno(saved);
+                return 0;
+            }
+            r
+        }
+        State::Placeholder => {
+            closewait::note_program_closed(false);
+            unsafe { real::close(fd) }
+        }
+        _ => unsafe { real::close(fd) },
+    }
+}
+
+/// Marks `old` shared before it is duplicated, so that the watchdog never swaps a placeholder in
+/// under a socket that another fd still refers to. Returns its word, if it is tracked.
+fn share(old: c_int) -> Option<Meta> {
+    let s = fdtable::slot(old)?;
+    s.load().is_tracked().then(|| s.set_flags(flag::SHARED, 0)).filter(|m| m.is_tracked())
+}
+
+/// Records that `new` now refers to the same socket as `old` (whose word was `m`).
+fn copy_entry(rt: &'static Runtime, old: c_int, new: c_int, m: Option<Meta>) {
+    match (m, fdtable::slot(old)) {
+        (Some(m), Some(os)) => {
+            if let Some(ns) = fdtable::slot_alloc(new) {
+                ns.track(new, m.role(), m.v6(), (m.flags() | flag::SHARED) & !flag::WATCHED, os.info().0);
+                watchdog::ensure_started(rt);
+            }
+        }
+        _ => forget(new),
+    }
+}
+
+unsafe fn on_dup(rt: &'static Runtime, fd: c_int) -> c_int {
+    let m = share(fd);
+    let r = unsafe { real::dup(fd) };
+    if r >= 0 {
+        copy_entry(rt, fd, r, m);
+    }
+    r
+}
+
+/// dup2 and dup3: `new` is replaced, so it is claimed first (after any release on it settles).
+fn dup_onto(rt: &'static Runtime, old: c_int, new: c_int, call: &mut dyn FnMut() -> c_int) -> c_int {
+    if old == new {
+        return call();
+    }
+    let m = share(old);
+    let ns = fdtable::slot(new);
+    let prior = ns.map(|s| {
+        let p = s.claim();
+        if p.state() == State::Own {
+            // The program takes one of keepfix's numbers: it is the program's now; keepfix
+            // notices and opens its fd again elsewhere.
+            s.reset();
+        }
+        p
+    });
+    let r = call();
+    if r < 0 {
+        let e = errno();
+        if let (Some(s), Some(p)) = (ns, prior) {
+            if p.state() == State::Own {
+                s.set_own();
+            } else {
+                s.unclaim(p);
+            }
+        }
+        set_errno(e);
+        return r;
+    }
+    copy_entry(rt, old, new, m);
+    r
+}
+
+unsafe fn on_dup2(rt: &'static Runtime, old: c_int, new: c_int) -> c_int {
+    dup_onto(rt, old, new, &mut || unsafe { real::dup2(old, new) })
+}
+
+unsafe fn on_dup3(rt: &'static Runtime, old: c_int, new: c_int, flags: c_int) -> c_int {
+    dup_onto(rt, old, new, &mut || unsafe { real::dup3(old, new, flags) })
+}
+
+// fcntl and fcntl64 are variadic in C. The exported hooks take the third argument as a usize,
+// which carries an int, a long or a pointer alike on x86_64 and aarch64 Linux; the real function
+// is called through a variadic pointer with that one argument.
+static SYM_FCNTL: crate::real::Sym = crate::real::Sym::new(c"fcntl");
+static SYM_FCNTL64: crate::real::Sym = crate::real::Sym::new(c"fcntl64");
+static SYM_CLOSEFROM: crate::real::Sym = crate::real::Sym::new(c"closefrom");
+
+type VariadicFcntl = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
+
+unsafe fn call_fcntl(sym: &crate::real::Sym, fd: c_int, cmd: c_int, arg: usize) -> c_int {
+    let p = sym.get();
+    if p.is_null() {
+        set_errno(libc::ENOSYS);
+        return -1;
+    }
+    // SAFETY: the C library's fcntl, called with the program's arguments.
+    let f: VariadicFcntl = unsafe { core::mem::transmute(p) };
+    unsafe { f(fd, cmd, arg) }
+}
+
+unsafe fn fcntl_hook(sym: &crate::real::Sym, fd: c_int, cmd: c_int, arg: usize) -> c_int {
+    let Some(rt) = crate::runtime::active().filter(|_| cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) else {
+        return unsafe { call_fcntl(sym, fd, cmd, arg) };
+    };
+    let m = share(fd);
+    let r = unsafe { call_fcntl(sym, fd, cmd, arg) };
+    if r >= 0 {
+        copy_entry(rt, fd, r, m);
+    }
+    r
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: usize) -> c_int {
+    unsafe { fcntl_hook(&SYM_FCNTL, fd, cmd, arg) }
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
+    unsafe { fcntl_hook(&SYM_FCNTL64, fd, cmd, arg) }
+}
+
+/// Forgets every tracked fd in `first..=last` before a close_range/closefrom, and returns the
+/// sub-ranges to really close: the range minus keepfix's own fds.
+fn claim_range(first: u32, last: u32) -> ([(u32, u32); 9], usize) {
+    let mut own = [u32::MAX; 8];
+    let mut n_own = 0;
+    fdtable::for_each(first as usize, last as usize, |fd, s| {
+        if s.load().state() == State::None {
+            return;
+        }
+        if s.claim().state() == State::Own {
+            if let Some(o) = own.get_mut(n_own) {
+                *o = fd as u32;
+                n_own += 1;
+            } else {
+                // More own fds than keepfix ever holds: give the extra one up.
+                s.reset();
+            }
+        }
+    });
+    let own = own.get_mut(..n_own).unwrap_or(&mut []);
+    own.sort_unstable();
+    let mut ranges = [(0u32, 0u32); 9];
+    let mut n = 0;
+    let mut lo = first;
+    for &o in own.iter() {
+        if o > lo {
+            if let Some(r) = ranges.get_mut(n) {
+                *r = (lo, o - 1);
+                n += 1;
+            }
+        }
+        lo = o.saturating_add(1);
+        if o == u32::MAX {
+            return (ranges, n);
+        }
+    }
+    if lo <= last {
+        if let Some(r) = ranges.get_mut(n) {
+            *r = (lo, last);
+            n += 1;
+        }
+    }
+    (ranges, n)
+}
+
+unsafe fn on_close_range(_rt: &'static Runtime, first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    // CLOSE_RANGE_CLOEXEC closes nothing; a bad range is the kernel's to refuse.
+    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 || first > last {
+        return unsafe { real::close_range(first, last, flags) };
+    }
+    let (ranges, n) = claim_range(first, last);
+    let mut result = 0;
+    for &(lo, hi) in ranges.get(..n).unwrap_or(&[]) {
+        let r = unsafe { real::close_range(lo, hi, flags) };
+        if r != 0 && result == 0 {
+            result = r;
+        }
+    }
+    if result != 0 {
+        return result;
+    }
+    if n == 0 {
+        // Every fd of the range is keepfix's: validate the flags as the kernel would.
+        return unsafe { real::close_range(last, last, flags | libc::CLOSE_RANGE_CLOEXEC as c_int) }.min(0);
+    }
+    0
+}
+
+/// closefrom(3) never reaches an interposed close() (glibc calls close_range inside), so it is
+/// hooked itself. It is done as close_range over the sub-ranges that spare keepfix's own fds.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn closefrom(lowfd: c_int) {
+    let real_closefrom = |fd: c_int| {
+        let p = SYM_CLOSEFROM.get();
+        if !p.is_null() {
+            // SAFETY: the C library's closefrom.
+            let f: unsafe extern "C" fn(c_int) = unsafe { core::mem::transmute(p) };
+            unsafe { f(fd) }
+        }
+    };
+    if crate::runtime::active().is_none() || lowfd < 0 {
+        return real_closefrom(lowfd);
+    }
+    let saved = errno();
+    let (ranges, n) = claim_range(lowfd as u32, u32::MAX);
+    for &(lo, hi) in ranges.get(..n).unwrap_or(&[]) {
+        if sys::close_range_raw(lo, hi, 0).is_err() {
+            // No close_range in this kernel: the C library's own fallback.
+            real_closefrom(lo as c_int);
+            break;
+        }
+    }
+    set_errno(saved);
+}
+
+// --- fd limits --------------------------------------------------------------------------------
+
+unsafe fn on_select(
+    _rt: &'static Runtime,
+    n: c_int,
+    r: *mut fd_set,
+    w: *mut fd_set,
+    e: *mut fd_set,
+    t: *mut timeval,
+) -> c_int {
+    if n > libc::FD_SETSIZE as c_int {
+        nofile::select_too_big(n);
+    }
+    unsafe { real::select(n, r, w, e, t) }
+}
+
+unsafe fn on_pselect(
+    _rt: &'static Runtime,
+    n: c_int,
+    r: *mut fd_set,
+    w: *mut fd_set,
+    e: *mut fd_set,
+    t: *const timespec,
+    m: *const libc::sigset_t,
+) -> c_int {
+    if n > libc::FD_SETSIZE as c_int {
+        nofile::select_too_big(n);
+    }
+    unsafe { real::pselect(n, r, w, e, t, m) }
+}
+
+unsafe fn on_setrlimit(_rt: &'static Runtime, resource: c_int, rlim: *const rlimit) -> c_int {
+    let r = unsafe { real::setrlimit(resource, rlim) };
+    if r == 0 && resource == libc::RLIMIT_NOFILE as c_int {
+        nofile::limit_changed();
+    }
+    r
+}
+
+unsafe fn on_setrlimit64(_rt: &'static Runtime, resource: c_int, rlim: *const rlimit) -> c_int {
+    let r = unsafe { real::setrlimit64(resource, rlim) };
+    if r == 0 && resource == libc::RLIMIT_NOFILE as c_int {
+        nofile::limit_changed();
+    }
+    r
+}
+
+unsafe fn on_prlimit(
+    _rt: &'static Runtime,
+    pid: libc::pid_t,
+    resource: c_int,
+    new: *const rlimit,
+    old: *mut rlimit,
+) -> c_int {
+    let r = unsafe { real::prlimit(pid, resource, new, old) };
+    if r == 0 && !new.is_null() && resource == libc::RLIMIT_NOFILE as c_int {
+        nofile::limit_changed();
+    }
+    r
+}
+
+unsafe fn on_prlimit64(
+    _rt: &'static Runtime,
+    pid: libc::pid_t,
+    resource: c_int,
+    new: *const rlimit,
+    old: *mut rlimit,
+) -> c_int {
+    let r = unsafe { real::prlimit64(pid, resource, new, old) };
+    if r == 0 && !new.is_null() && resource == libc::RLIMIT_NOFILE as c_int {
+        nofile::limit_changed();
+    }
+    r
+}

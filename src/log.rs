@@ -1,0 +1,590 @@
+//! Logging: one line per event, `keepfix[PID]: event key=value …`, to stderr, syslog or a file.
+//!
+//! Hooks never write. They [`defer`] a small record into a lock-free ring, and the watchdog thread
+//! formats and writes it. Only the constructor, the watchdog and the destructor call [`emit`].
+//! Writes never block the program: pipes and files get `RWF_NOWAIT`, sockets `MSG_DONTWAIT`; a line
+//! that cannot go out at once is counted as dropped. A token bucket stops floods, and a
+//! `suppressed` line says what it held back. Formatting uses a stack buffer: no allocation.
+//!
+//! Safety rules for stderr: keepfix writes to fd 2 only while it is what it was (or a file, pipe,
+//! tty or unix socket), never into a TCP or UDP socket: an inetd-style service has its client
+//! connection there.
+
+use crate::sys;
+use core::fmt::{self, Write as _};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering::*};
+use rustix::fd::RawFd;
+
+/// syslog severities; journald reads them from a `<N>` prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Err = 3,
+    Warning = 4,
+    Notice = 5,
+    Info = 6,
+}
+
+/// What hooks report for the watchdog to log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Deferred {
+    /// The program turned keepalive off on a tracked socket; a = option, b = 1 if kept on.
+    AppKeepaliveOff = 1,
+    /// A keepalive setsockopt failed; a = option, b = errno.
+    KeepaliveFailed = 2,
+    /// A hook waited 5 s for a release that never ended (a bug): it took the slot over.
+    StuckRelease = 3,
+    /// select() with nfds > FD_SETSIZE; a = nfds.
+    SelectTooBig = 4,
+    /// accept() hit EMFILE; a = what keepfix did (see nofile), b = errno.
+    Emfile = 5,
+    /// setrlimit/prlimit changed RLIMIT_NOFILE; a = new soft limit, b = new hard limit.
+    RlimitChanged = 6,
+}
+
+impl Deferred {
+    fn from_u32(v: u32) -> Option<Deferred> {
+        Some(match v {
+            1 => Deferred::AppKeepaliveOff,
+            2 => Deferred::KeepaliveFailed,
+            3 => Deferred::StuckRelease,
+            4 => Deferred::SelectTooBig,
+            5 => Deferred::Emfile,
+            6 => Deferred::RlimitChanged,
+            _ => return None,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The deferred-event ring: many producers (hooks, any thread, signal handlers), one consumer.
+
+const RING_LEN: u64 = 256;
+
+struct Rec {
+    /// 2 × turn: empty and ready for the writer of that turn; 2 × turn + 1: full.
+    seq: AtomicU64,
+    kind: AtomicU32,
+    fd: AtomicI32,
+    a: AtomicI64,
+    b: AtomicI64,
+}
+
+static RING: [Rec; RING_LEN as usize] = [const {
+    Rec {
+        seq: AtomicU64::new(0),
+        kind: AtomicU32::new(0),
+        fd: AtomicI32::new(0),
+        a: AtomicI64::new(0),
+        b: AtomicI64::new(0),
+    }
+}; RING_LEN as usize];
+static HEAD: AtomicU64 = AtomicU64::new(0);
+static TAIL: AtomicU64 = AtomicU64::new(0);
+static CONSUMER: AtomicBool = AtomicBool::new(false);
+static RING_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Records an event for the watchdog to log. Lock-free, allocation-free, async-signal-safe; when
+/// the ring is full the event is counted and dropped.
+pub fn defer(kind: Deferred, fd: RawFd, a: i64, b: i64) {
+    let mut pos = HEAD.load(Relaxed);
+    loop {
+        let Some(rec) = RING.get((pos % RING_LEN) as usize) else { return };
+        let turn = pos / RING_LEN;
+        let seq = rec.seq.load(Acquire);
+        if seq == 2 * turn {
+            match HEAD.compare_exchange_weak(pos, pos + 1, Relaxed, Relaxed) {
+                Ok(_) => {
+                    rec.kind.store(kind as u32, Relaxed);
+                    rec.fd.store(fd, Relaxed);
+                    rec.a.store(a, Relaxed);
+                    rec.b.store(b, Relaxed);
+                    rec.seq.store(2 * turn + 1, Release);
+                    return;
+                }
+                Err(actual) => pos = actual,
+            }
+        } else if seq < 2 * turn {
+            RING_DROPPED.fetch_add(1, Relaxed);
+            return;
+        } else {
+            pos = HEAD.load(Relaxed);
+        }
+    }
+}
+
+/// Takes every recorded event, oldest first. One consumer at a time: a second caller gets none.
+pub fn drain(mut f: impl FnMut(Deferred, RawFd, i64, i64)) {
+    if CONSUMER.swap(true, Acquire) {
+        return;
+    }
+    let mut pos = TAIL.load(Relaxed);
+    while let Some(rec) = RING.get((pos % RING_LEN) as usize) {
+        let turn = pos / RING_LEN;
+        if rec.seq.load(Acquire) != 2 * turn + 1 {
+            break;
+        }
+        let (k, fd, a, b) = (rec.kind.load(Relaxed), rec.fd.load(Relaxed), rec.a.load(Relaxed), rec.b.load(Relaxed));
+        rec.seq.store(2 * (turn + 1), Release);
+        pos += 1;
+        if let Some(k) = Deferred::from_u32(k) {
+            f(k, fd, a, b);
+        }
+    }
+    TAIL.store(pos, Relaxed);
+    let dropped = RING_DROPPED.swap(0, Relaxed);
+    CONSUMER.store(false, Release);
+    if dropped > 0 {
+        emit(Level::Warning, format_args!("events_dropped count={dropped} reason=ring_full"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lines.
+
+/// A line being formatted, on the stack. Text past the end is cut and marked with "...".
+pub struct Line {
+    buf: [u8; 1024],
+    len: usize,
+    cut: bool,
+}
+
+impl Line {
+    pub fn new() -> Line {
+        Line { buf: [0; 1024], len: 0, cut: false }
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or(&[])
+    }
+    fn finish(&mut self) {
+        if self.cut {
+            self.len = self.len.min(self.buf.len() - 4);
+            let _ = self.write_str("...");
+        }
+        if let Some(b) = self.buf.get_mut(self.len) {
+            *b = b'\n';
+            self.len += 1;
+        }
+    }
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Line::new()
+    }
+}
+
+impl fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        // Keep one byte for the newline.
+        let room = self.buf.len().saturating_sub(self.len + 1);
+        let n = s.len().min(room);
+        if n < s.len() {
+            self.cut = true;
+        }
+        if let (Some(dst), Some(src)) = (self.buf.get_mut(self.len..self.len + n), s.as_bytes().get(..n)) {
+            dst.copy_from_slice(src);
+            self.len += n;
+        }
+        Ok(())
+    }
+}
+
+/// Formats a value that came from outside (an environment variable, a path) as a quoted string
+/// with control characters, quotes and non-ASCII escaped, so a line stays one line of text.
+pub struct Quoted<'a>(pub &'a [u8]);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_char('"')?;
+        for &b in self.0.iter().take(200) {
+            match b {
+                b'"' | b'\\' => write!(f, "\\{}", b as char)?,
+                0x20..=0x7e => f.write_char(b as char)?,
+                _ => write!(f, "\\x{b:02x}")?,
+            }
+        }
+        if self.0.len() > 200 {
+            f.write_str("...")?;
+        }
+        f.write_char('"')
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destinations.
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DestKind {
+    Stderr,
+    Syslog,
+    File,
+}
+
+/// The destination, set once at load time.
+struct Dest {
+    kind: DestKind,
+    /// For File: the path, NUL-terminated, in a fixed buffer (set before any thread starts).
+    path: [u8; 512],
+    path_len: usize,
+    /// JOURNAL_STREAM's device and inode: stderr is the journal when fd 2 matches.
+    journal: Option<(u64, u64)>,
+}
+
+struct SinkState {
+    /// Our own fd for File or Syslog (an Own fd), -1 if not open.
+    fd: RawFd,
+    /// File: (dev, ino) of what we opened, and when we last compared it with the path.
+    file_id: (u64, u64),
+    file_checked_ms: u64,
+    /// Rate limit: tokens × 1000, refilled at RATE per second up to BURST.
+    tokens_milli: u64,
+    refill_ms: u64,
+    suppressed: u64,
+    suppressed_since_ms: u64,
+    dropped: u64,
+}
+
+const BURST: u64 = 60;
+const RATE_PER_S: u64 = 5;
+
+static mut DEST: Dest = Dest { kind: DestKind::Stderr, path: [0; 512], path_len: 0, journal: None };
+static SINK_BUSY: AtomicBool = AtomicBool::new(false);
+static mut SINK: SinkState = SinkState {
+    fd: -1,
+    file_id: (0, 0),
+    file_checked_ms: 0,
+    tokens_milli: BURST * 1000,
+    refill_ms: 0,
+    suppressed: 0,
+    suppressed_since_ms: 0,
+    dropped: 0,
+};
+/// The pid in every line; updated in a forked child.
+static PID: AtomicI32 = AtomicI32::new(0);
+
+/// Sets the destination. Called once by the constructor, before any other thread of ours exists.
+pub fn init(dest: &crate::config::LogDest, journal_stream: Option<&[u8]>) {
+    PID.store(sys::getpid(), Relaxed);
+    // SAFETY: called once from the constructor, before any reader exists.
+    let d = unsafe { &mut *core::ptr::addr_of_mut!(DEST) };
+    d.journal = journal_stream.and_then(parse_journal_stream);
+    match dest {
+        crate::config::LogDest::Stderr => d.kind = DestKind::Stderr,
+        crate::config::LogDest::Syslog => d.kind = DestKind::Syslog,
+        crate::config::LogDest::File(p) => {
+            let bytes = p.as_os_str().as_encoded_bytes();
+            if let Some(dst) = d.path.get_mut(..bytes.len()).filter(|_| bytes.len() < 512 && !bytes.contains(&0)) {
+                dst.copy_from_slice(bytes);
+                d.kind = DestKind::File;
+                d.path_len = bytes.len();
+            }
+        }
+    }
+}
+
+pub fn set_pid(pid: i32) {
+    PID.store(pid, Relaxed);
+}
+
+/// After fork(), in the child: a parent thread that was writing or draining is gone.
+pub fn after_fork_child() {
+    SINK_BUSY.store(false, Release);
+    CONSUMER.store(false, Release);
+    // Events the parent recorded are the parent's to log; a half-written record would stall
+    // the ring, so start it afresh.
+    for r in RING.iter() {
+        r.seq.store(0, Relaxed);
+    }
+    HEAD.store(0, Relaxed);
+    TAIL.store(0, Relaxed);
+}
+
+fn parse_journal_stream(v: &[u8]) -> Option<(u64, u64)> {
+    let s = core::str::from_utf8(v).ok()?;
+    let (dev, ino) = s.split_once(':')?;
+    Some((dev.parse().ok()?, ino.parse().ok()?))
+}
+
+/// Writes one event line, if the rate limit allows. Never blocks, never allocates.
+pub fn emit(level: Level, args: fmt::Arguments<'_>) {
+    if SINK_BUSY.swap(true, Acquire) {
+        // Another of keepfix's threads is writing (the destructor racing the watchdog): rather
+        // than wait, count it.
+        return;
+    }
+    // SAFETY: SINK_BUSY gives us exclusive access; DEST is only written before threads exist.
+    let (sink, dest) = unsafe { (&mut *core::ptr::addr_of_mut!(SINK), &*core::ptr::addr_of!(DEST)) };
+    let now = sys::now_ms();
+    refill(sink, now);
+    if sink.tokens_milli < 1000 {
+        if sink.suppressed == 0 {
+            sink.suppressed_since_ms = now;
+        }
+        sink.suppressed += 1;
+    } else {
+        if sink.suppressed > 0 {
+            sink.tokens_milli -= 1000;
+            let (n, secs) = (sink.suppressed, now.saturating_sub(sink.suppressed_since_ms) / 1000);
+            sink.suppressed = 0;
+            write_line(
+                sink,
+                dest,
+                Level::Warning,
+                format_args!("suppressed lines={n} seconds={secs} reason=rate_limit"),
+            );
+        }
+        if sink.tokens_milli >= 1000 {
+            sink.tokens_milli -= 1000;
+            write_line(sink, dest, level, args);
+        } else {
+            sink.suppressed += 1;
+        }
+    }
+    SINK_BUSY.store(false, Release);
+}
+
+/// Writes out a pending `suppressed` summary once the rate allows; the watchdog calls it each tick.
+pub fn flush_suppressed() {
+    if SINK_BUSY.swap(true, Acquire) {
+        return;
+    }
+    // SAFETY: as in emit().
+    let (sink, dest) = unsafe { (&mut *core::ptr::addr_of_mut!(SINK), &*core::ptr::addr_of!(DEST)) };
+    let now = sys::now_ms();
+    refill(sink, now);
+    if sink.suppressed > 0 && sink.tokens_milli >= 1000 {
+        sink.tokens_milli -= 1000;
+        let (n, secs) = (sink.suppressed, now.saturating_sub(sink.suppressed_since_ms) / 1000);
+        sink.suppressed = 0;
+        write_line(sink, dest, Level::Warning, format_args!("suppressed lines={n} seconds={secs} reason=rate_limit"));
+    }
+    SINK_BUSY.store(false, Release);
+}
+
+fn refill(sink: &mut SinkState, now: u64) {
+    if sink.refill_ms == 0 {
+        sink.refill_ms = now;
+    }
+    let elapsed = now.saturating_sub(sink.refill_ms);
+    sink.tokens_milli = (sink.tokens_milli + elapsed * RATE_PER_S).min(BURST * 1000);
+    sink.refill_ms = now;
+}
+
+/// Lines that could not be written at once (destination full or gone), since load.
+pub fn dropped_lines() -> u64 {
+    if SINK_BUSY.swap(true, Acquire) {
+        return 0;
+    }
+    // SAFETY: as in emit().
+    let n = unsafe { (*core::ptr::addr_of!(SINK)).dropped };
+    SINK_BUSY.store(false, Release);
+    n
+}
+
+fn write_line(sink: &mut SinkState, dest: &Dest, level: Level, args: fmt::Arguments<'_>) {
+    let mut line = Line::new();
+    let pid = PID.load(Relaxed);
+    let ok = match dest.kind {
+        DestKind::Stderr => {
+            let journal = stderr_is_journal(dest);
+            if journal {
+                let _ = write!(line, "<{}>", level as u8);
+            }
+            let _ = write!(line, "keepfix[{pid}]: ");
+            let _ = line.write_fmt(args);
+            line.finish();
+            write_stderr(line.as_bytes())
+        }
+        DestKind::Syslog => {
+            // LOG_DAEMON; the receiver adds the timestamp.
+            let _ = write!(line, "<{}>keepfix[{pid}]: ", 3 * 8 + level as u8);
+            let _ = line.write_fmt(args);
+            line.finish();
+            write_syslog(sink, line.as_bytes())
+        }
+        DestKind::File => {
+            let (secs, ms) = sys::wall_time();
+            write_timestamp(&mut line, secs, ms);
+            let _ = write!(line, " keepfix[{pid}]: ");
+            let _ = line.write_fmt(args);
+            line.finish();
+            write_file(sink, dest, line.as_bytes())
+        }
+    };
+    if !ok {
+        sink.dropped += 1;
+    }
+}
+
+fn stderr_is_journal(dest: &Dest) -> bool {
+    let Some((dev, ino)) = dest.journal else { return false };
+    let Some(fd) = sys::borrow(2) else { return false };
+    rustix::fs::fstat(fd).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
+}
+
+/// Writes to fd 2 unless it is a network socket. Never blocks, never raises SIGPIPE in a thread
+/// that could take it (the watchdog blocks every signal; the constructor checks the pipe first).
+fn write_stderr(bytes: &[u8]) -> bool {
+    let Some(fd) = sys::borrow(2) else { return false };
+    let Ok(st) = rustix::fs::fstat(fd) else { return false };
+    let fmt = st.st_mode & libc::S_IFMT;
+    if fmt == libc::S_IFSOCK {
+        if rustix::net::sockopt::socket_domain(fd) != Ok(rustix::net::AddressFamily::UNIX) {
+            return false;
+        }
+        let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+        return rustix::net::send(fd, bytes, flags).is_ok_and(|n| n == bytes.len());
+    }
+    if fmt == libc::S_IFIFO && !crate::watchdog::on_watchdog_thread() {
+        // A pipe whose reader is gone would raise SIGPIPE in this (the program's) thread.
+        let mut pfd = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::OUT)];
+        let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+        if rustix::event::poll(&mut pfd, Some(&zero)).is_err()
+            || pfd[0].revents().intersects(rustix::event::PollFlags::ERR | rustix::event::PollFlags::HUP)
+        {
+            return false;
+        }
+    }
+    write_nowait(fd, bytes)
+}
+
+fn write_nowait(fd: rustix::fd::BorrowedFd<'_>, bytes: &[u8]) -> bool {
+    let iov = [rustix::io::IoSlice::new(bytes)];
+    match rustix::io::pwritev2(fd, &iov, u64::MAX, rustix::io::ReadWriteFlags::NOWAIT) {
+        Ok(n) => n == bytes.len(),
+        // RWF_NOWAIT is not supported here (a tty, an old filesystem): a plain write.
+        Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::INVAL) => {
+            rustix::io::write(fd, bytes).is_ok_and(|n| n == bytes.len())
+        }
+        Err(_) => false,
+    }
+}
+
+fn write_syslog(sink: &mut SinkState, bytes: &[u8]) -> bool {
+    for _attempt in 0..2 {
+        if sink.fd < 0 || !crate::ownfd::is_own(sink.fd) {
+            sink.fd = connect_syslog().unwrap_or(-1);
+        }
+        let Some(fd) = sys::borrow(sink.fd) else { return false };
+        let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+        match rustix::net::send(fd, bytes, flags) {
+            Ok(_) => return true,
+            // syslogd restarted: connect again once.
+            Err(rustix::io::Errno::CONNREFUSED) | Err(rustix::io::Errno::NOTCONN) => {
+                crate::ownfd::close(sink.fd);
+                sink.fd = -1;
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+fn connect_syslog() -> Option<RawFd> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let s = rustix::net::socket_with(AddressFamily::UNIX, SocketType::DGRAM, SocketFlags::CLOEXEC, None).ok()?;
+    let s = sys::own(s);
+    let addr = SocketAddrUnix::new("/dev/log").ok()?;
+    rustix::net::connect(s.as_fd(), &addr).ok()?;
+    crate::ownfd::install(s)
+}
+
+fn write_file(sink: &mut SinkState, dest: &Dest, bytes: &[u8]) -> bool {
+    let now = sys::now_ms();
+    let path = dest.path.get(..dest.path_len).unwrap_or(&[]);
+    // Reopen when logrotate moved the file away, or when our fd is no longer what we opened.
+    if sink.fd >= 0 && (now.saturating_sub(sink.file_checked_ms) > 10_000 || !crate::ownfd::is_own(sink.fd)) {
+        sink.file_checked_ms = now;
+        let ours = sys::borrow(sink.fd).and_then(|fd| rustix::fs::fstat(fd).ok()).map(|st| (st.st_dev, st.st_ino));
+        let at_path = rustix::fs::stat(path).ok().map(|st| (st.st_dev, st.st_ino));
+        if ours != Some(sink.file_id) || at_path != Some(sink.file_id) || !crate::ownfd::is_own(sink.fd) {
+            if crate::ownfd::is_own(sink.fd) {
+                crate::ownfd::close(sink.fd);
+            }
+            sink.fd = -1;
+        }
+    }
+    if sink.fd < 0 {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOCTTY;
+        let Ok(f) = rustix::fs::open(path, flags, Mode::from_raw_mode(0o640)) else { return false };
+        let f = sys::own(f);
+        let Ok(st) = rustix::fs::fstat(f.as_fd()) else { return false };
+        sink.file_id = (st.st_dev, st.st_ino);
+        sink.file_checked_ms = now;
+        sink.fd = crate::ownfd::install(f).unwrap_or(-1);
+    }
+    match sys::borrow(sink.fd) {
+        Some(fd) => write_nowait(fd, bytes),
+        None => false,
+    }
+}
+
+/// An RFC 3339 UTC timestamp, computed without libc (no locale, no locks).
+fn write_timestamp(line: &mut Line, secs: i64, ms: u32) {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let _ = write!(line, "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z", rem / 3600, rem / 60 % 60, rem % 60);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        let mut l = Line::new();
+        write_timestamp(&mut l, 0, 0);
+        assert_eq!(l.as_bytes(), b"1970-01-01T00:00:00.000Z");
+        let mut l = Line::new();
+        write_timestamp(&mut l, 1_795_574_760, 123); // date -u -d @1795574760
+        assert_eq!(l.as_bytes(), b"2026-11-25T02:46:00.123Z");
+    }
+
+    #[test]
+    fn long_lines_are_cut_and_stay_one_line() {
+        let mut l = Line::new();
+        for _ in 0..200 {
+            let _ = l.write_str("0123456789");
+        }
+        l.finish();
+        let b = l.as_bytes();
+        assert_eq!(b.len(), 1024);
+        assert!(b.ends_with(b"...\n"));
+        assert_eq!(b.iter().filter(|&&c| c == b'\n').count(), 1);
+    }
+
+    #[test]
+    fn quoted_escapes_control_bytes() {
+        assert_eq!(format!("{}", Quoted(b"a\nb\"c\x1b")), "\"a\\x0ab\\\"c\\x1b\"");
+    }
+
+    #[test]
+    fn ring_keeps_order_and_counts_overflow() {
+        for i in 0..(RING_LEN as i64 + 10) {
+            defer(Deferred::Emfile, 7, i, 0);
+        }
+        let mut seen = Vec::new();
+        // drain() would also emit an events_dropped line to stderr; that is fine in a test.
+        drain(|k, fd, a, _| {
+            assert_eq!((k, fd), (Deferred::Emfile, 7));
+            seen.push(a);
+        });
+        assert_eq!(seen, (0..RING_LEN as i64).collect::<Vec<_>>());
+        defer(Deferred::SelectTooBig, 1, 2, 3);
+        let mut again = Vec::new();
+        drain(|k, fd, a, b| again.push((k, fd, a, b)));
+        assert_eq!(again, vec![(Deferred::SelectTooBig, 1, 2, 3)]);
+    }
+}

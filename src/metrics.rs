@@ -1,0 +1,246 @@
+//! Metrics: with KEEPFIX_METRICS=DIR, the watchdog writes `DIR/keepfix-PID.prom` in Prometheus
+//! text format at every scan (a temporary file renamed over the old one, so a reader never sees
+//! half a file), for node_exporter's textfile collector. The file is removed at normal exit.
+//!
+//! Socket states are keepfix's view, from the fd table and the CLOSE_WAIT detector: no system
+//! call per socket, so writing metrics costs a table walk.
+
+use crate::closewait::{self, Detector};
+use crate::fdtable::{self, Role, State};
+use crate::nofile::{self, Monitor};
+use crate::runtime::Runtime;
+use crate::sys;
+use core::fmt::Write as _;
+
+pub struct Writer {
+    /// `DIR/keepfix-PID.prom`, and the temporary name beside it.
+    path: Option<(String, String)>,
+    program: String,
+    failed_logged: bool,
+}
+
+/// The file this process writes, for the destructor to remove.
+static mut PATH: [u8; 600] = [0; 600];
+static PATH_SET: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+impl Writer {
+    pub fn new(rt: &'static Runtime) -> Writer {
+        let pid = sys::getpid();
+        let path = rt.cfg.metrics_dir.as_ref().map(|d| {
+            let d = d.display().to_string();
+            let d = d.trim_end_matches('/');
+            (format!("{d}/keepfix-{pid}.prom"), format!("{d}/.keepfix-{pid}.prom.tmp"))
+        });
+        if let Some((p, _)) = &path {
+            remember(p);
+        }
+        Writer { path, program: rt.program.clone(), failed_logged: false }
+    }
+
+    pub fn write(&mut self, detector: &Detector, monitor: &Monitor, now: u64) {
+        let Some((path, tmp)) = &self.path else { return };
+        let text = render(detector, monitor, now, &self.program);
+        if let Err(e) = write_atomically(path, tmp, text.as_bytes()) {
+            if !self.failed_logged {
+                self.failed_logged = true;
+                crate::log::emit(
+                    crate::log::Level::Warning,
+                    format_args!(
+                        "metrics path={} action=failed errno={}",
+                        crate::log::Quoted(path.as_bytes()),
+                        e.raw_os_error()
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn remember(p: &str) {
+    let b = p.as_bytes();
+    // SAFETY: written once by the watchdog before PATH_SET is published; read at exit.
+    unsafe {
+        let dst = &mut *core::ptr::addr_of_mut!(PATH);
+        if let (Some(head), Some(end)) = (dst.get_mut(..b.len()).map(|h| h.copy_from_slice(b)), dst.get_mut(b.len())) {
+            let () = head;
+            *end = 0;
+            PATH_SET.store(true, core::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+/// At normal exit: the file goes, so a dead process leaves no stale figures behind.
+pub fn remove_at_exit() {
+    if !PATH_SET.load(core::sync::atomic::Ordering::Acquire) {
+        return;
+    }
+    // SAFETY: PATH is complete once PATH_SET is true.
+    let p = unsafe { &*core::ptr::addr_of!(PATH) };
+    let len = p.iter().position(|&c| c == 0).unwrap_or(0);
+    if let Some(Ok(path)) = p.get(..len).map(core::str::from_utf8) {
+        // Only the file of this process (a forked child has its own).
+        if path.ends_with(&format!("/keepfix-{}.prom", sys::getpid())) {
+            let _ = rustix::fs::unlink(path);
+        }
+    }
+}
+
+fn write_atomically(path: &str, tmp: &str, bytes: &[u8]) -> Result<(), rustix::io::Errno> {
+    use rustix::fs::{Mode, OFlags};
+    let f = crate::ownfd::Temp::open(
+        tmp,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o644),
+    )?;
+    let mut off = 0;
+    while off < bytes.len() {
+        match rustix::io::write(f.as_fd(), bytes.get(off..).unwrap_or(&[])) {
+            Ok(0) => return Err(rustix::io::Errno::IO),
+            Ok(n) => off += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    drop(f);
+    rustix::fs::rename(tmp, path)
+}
+
+/// The file's text.
+pub fn render(detector: &Detector, monitor: &Monitor, now: u64, program: &str) -> String {
+    let pid = sys::getpid();
+    let mut roles = [0u64; 6];
+    let (mut tracked, mut placeholders, mut vacated) = (0u64, 0u64, 0u64);
+    fdtable::for_each(0, fdtable::MAX_FD - 1, |_, s| {
+        let m = s.load();
+        match m.state() {
+            State::Tracked | State::Releasing => {
+                tracked += 1;
+                if let Some(r) = roles.get_mut(m.role() as usize) {
+                    *r += 1;
+                }
+            }
+            State::Placeholder => placeholders += 1,
+            State::Vacated => vacated += 1,
+            _ => {}
+        }
+    });
+    let (held, oldest) = detector.held(now);
+    let t = closewait::totals();
+    let (soft, hard) = nofile::limits();
+    let (emfile, rejected) = nofile::emfile_events();
+    let rt = crate::runtime::get();
+    let l = format!("pid=\"{pid}\",program=\"{}\"", escape(program));
+    let mut o = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, rows: &[(&str, f64)]| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (extra, v) in rows {
+            let sep = if extra.is_empty() { "" } else { "," };
+            let _ = writeln!(o, "{name}{{{l}{sep}{extra}}} {v}");
+        }
+    };
+    metric("keepfix_up", "gauge", "1 while keepfix's watchdog runs in this process.", &[("", 1.0)]);
+    let role = |r: Role| roles.get(r as usize).copied().unwrap_or(0);
+    let role_rows: Vec<(String, f64)> =
+        Role::ALL.iter().map(|r| (format!("role=\"{}\"", r.name()), role(*r) as f64)).collect();
+    let role_rows: Vec<(&str, f64)> = role_rows.iter().map(|(s, v)| (s.as_str(), *v)).collect();
+    metric("keepfix_tracked_sockets", "gauge", "TCP sockets keepfix tracks, by role.", &role_rows);
+    let open = tracked.saturating_sub(held as u64 + role(Role::Listener) + role(Role::InheritedListener));
+    metric(
+        "keepfix_sockets",
+        "gauge",
+        "Tracked sockets and released numbers, by state as keepfix sees it: open, close_wait (the peer closed, the program did not: found and not yet released), listen, released (a placeholder holds the number), vacated (the placeholder was closed to free an fd).",
+        &[
+            ("state=\"open\"", open as f64),
+            ("state=\"close_wait\"", held as f64),
+            ("state=\"listen\"", (role(Role::Listener) + role(Role::InheritedListener)) as f64),
+            ("state=\"released\"", placeholders as f64),
+            ("state=\"vacated\"", vacated as f64),
+        ],
+    );
+    metric(
+        "keepfix_close_wait_oldest_seconds",
+        "gauge",
+        "Age of the oldest socket held in CLOSE_WAIT.",
+        &[("", oldest as f64)],
+    );
+    metric(
+        "keepfix_close_wait_found_total",
+        "counter",
+        "Sockets found left in CLOSE_WAIT or dead.",
+        &[("", t.found as f64)],
+    );
+    metric(
+        "keepfix_close_wait_actions_total",
+        "counter",
+        "What keepfix did with sockets left in CLOSE_WAIT.",
+        &[
+            ("action=\"logged\"", t.logged as f64),
+            ("action=\"shutdown\"", t.shutdown as f64),
+            ("action=\"closed\"", t.closed as f64),
+            ("action=\"vacated\"", t.vacated as f64),
+            ("action=\"kept_unread\"", t.unread_kept as f64),
+        ],
+    );
+    metric(
+        "keepfix_released_closed_by_program_total",
+        "counter",
+        "close() calls the program made on numbers keepfix had released.",
+        &[("", closewait::program_closed() as f64)],
+    );
+    metric("keepfix_fds_used", "gauge", "Open fds, at the last count.", &[("", monitor.used() as f64)]);
+    let lim = |v: u64| if v == u64::MAX { f64::INFINITY } else { v as f64 };
+    metric(
+        "keepfix_fds_limit",
+        "gauge",
+        "RLIMIT_NOFILE.",
+        &[("kind=\"soft\"", lim(soft)), ("kind=\"hard\"", lim(hard))],
+    );
+    metric(
+        "keepfix_emfile_total",
+        "counter",
+        "accept() calls that failed with EMFILE or ENFILE.",
+        &[("", emfile as f64)],
+    );
+    metric(
+        "keepfix_emfile_rejected_total",
+        "counter",
+        "Pending connections keepfix accepted and closed at once because the fd table was full.",
+        &[("", rejected as f64)],
+    );
+    metric(
+        "keepfix_select_too_big_total",
+        "counter",
+        "select() calls with nfds above FD_SETSIZE.",
+        &[("", nofile::select_too_big_count() as f64)],
+    );
+    metric(
+        "keepfix_log_dropped_total",
+        "counter",
+        "Log lines that could not be written.",
+        &[("", crate::log::dropped_lines() as f64)],
+    );
+    metric("keepfix_table_bytes", "gauge", "Memory of keepfix's fd table.", &[("", fdtable::mapped_bytes() as f64)]);
+    if let Some(rt) = rt {
+        let c = &rt.cfg;
+        let ut = c.user_timeout_ms().map_or(0.0, |ms| f64::from(ms) / 1000.0);
+        metric(
+            "keepfix_config_seconds",
+            "gauge",
+            "keepfix's configured timings (user_timeout 0 = off).",
+            &[
+                ("name=\"idle\"", f64::from(c.idle_s)),
+                ("name=\"intvl\"", f64::from(c.intvl_s)),
+                ("name=\"user_timeout\"", ut),
+                ("name=\"close_wait_after\"", c.close_wait_after_ms as f64 / 1000.0),
+                ("name=\"scan_interval\"", c.scan_interval_ms as f64 / 1000.0),
+            ],
+        );
+        metric("keepfix_config_keepcnt", "gauge", "keepfix's configured TCP_KEEPCNT.", &[("", f64::from(c.cnt))]);
+    }
+    o
+}
+
+/// A label value: backslash, quote and newline escaped, as the text format wants.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

@@ -1,0 +1,226 @@
+//! The system-call backend for keepfix's own work: the few calls rustix lacks, done as raw
+//! syscalls, and [`Fd`], an owned descriptor that closes through a raw syscall.
+//!
+//! keepfix's own calls must never go through libc's interposable symbols: they would land in our
+//! own hooks (close, setsockopt, …) and set errno. rustix's linux_raw backend does neither; this
+//! module covers the gaps (a generic getsockopt, for TCP_INFO) the same way.
+
+use core::ffi::c_int;
+use rustix::fd::{AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use rustix::io::Errno;
+
+/// An fd that keepfix owns. Dropping it closes the fd with a raw syscall: never libc close(),
+/// which is our own hook (a std `File` or `OwnedFd` drop would go there).
+#[derive(Debug)]
+pub struct Fd(RawFd);
+
+impl Fd {
+    pub fn raw(&self) -> RawFd {
+        self.0
+    }
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: self.0 is an open fd that we own, so it is not -1.
+        unsafe { BorrowedFd::borrow_raw(self.0) }
+    }
+    /// Gives up ownership without closing.
+    pub fn into_raw(self) -> RawFd {
+        let fd = self.0;
+        core::mem::forget(self);
+        fd
+    }
+}
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: we own the fd.
+        unsafe { rustix::io::close(self.0) }
+    }
+}
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Converts what rustix returns into an [`Fd`] at once, so no `OwnedFd` is ever dropped.
+pub fn own(fd: OwnedFd) -> Fd {
+    Fd(fd.into_raw_fd())
+}
+
+/// A borrowed view of an fd number we do not own (the program's). `None` for negative numbers,
+/// which `BorrowedFd` must never hold.
+pub fn borrow(fd: RawFd) -> Option<BorrowedFd<'static>> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd is not -1. If it is closed meanwhile, the syscalls fail with EBADF: the
+    // kernel checks, we never dereference anything through it.
+    Some(unsafe { BorrowedFd::borrow_raw(fd) })
+}
+
+pub fn errno() -> c_int {
+    // SAFETY: __errno_location returns this thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+pub fn set_errno(e: c_int) {
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = e }
+}
+
+/// Saves errno and puts it back when dropped: wrap any libc-level call keepfix makes for itself
+/// inside a hook, so that the program's errno is what libc alone would have left.
+pub struct ErrnoGuard(c_int);
+
+impl ErrnoGuard {
+    pub fn save() -> ErrnoGuard {
+        ErrnoGuard(errno())
+    }
+}
+
+impl Drop for ErrnoGuard {
+    fn drop(&mut self) {
+        set_errno(self.0)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn syscall5(n: usize, a: [usize; 5]) -> isize {
+    let ret: isize;
+    // SAFETY: the caller passes a valid syscall number and arguments.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") n as isize => ret,
+            in("rdi") a[0], in("rsi") a[1], in("rdx") a[2], in("r10") a[3], in("r8") a[4],
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+#[cfg(target_arch = "aarch64")]
+unsafe fn syscall5(n: usize, a: [usize; 5]) -> isize {
+    let ret: isize;
+    // SAFETY: the caller passes a valid syscall number and arguments.
+    unsafe {
+        core::arch::asm!(
+            "svc 0",
+            in("x8") n,
+            inlateout("x0") a[0] as isize => ret,
+            in("x1") a[1], in("x2") a[2], in("x3") a[3], in("x4") a[4],
+            options(nostack),
+        );
+    }
+    ret
+}
+
+fn check(ret: isize) -> Result<usize, Errno> {
+    if (-4095..0).contains(&ret) { Err(Errno::from_raw_os_error(-ret as i32)) } else { Ok(ret as usize) }
+}
+
+/// getsockopt into `buf`, returning the length the kernel wrote.
+pub fn getsockopt_raw(fd: RawFd, level: c_int, name: c_int, buf: &mut [u8]) -> Result<usize, Errno> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: buf and len are valid for the kernel to write; the kernel checks fd.
+    let r = unsafe {
+        syscall5(
+            libc::SYS_getsockopt as usize,
+            [fd as usize, level as usize, name as usize, buf.as_mut_ptr() as usize, &mut len as *mut _ as usize],
+        )
+    };
+    check(r).map(|_| len as usize)
+}
+
+/// getsockname into `buf`, returning the address length.
+pub fn getsockname_raw(fd: RawFd, buf: &mut [u8]) -> Result<usize, Errno> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: buf and len are valid for the kernel to write.
+    let r = unsafe {
+        syscall5(
+            libc::SYS_getsockname as usize,
+            [fd as usize, buf.as_mut_ptr() as usize, &mut len as *mut _ as usize, 0, 0],
+        )
+    };
+    check(r).map(|_| len as usize)
+}
+
+/// close_range(2) as a raw syscall (rustix has none); used for keepfix's own splitting of a
+/// program's close_range around keepfix's fds.
+pub fn close_range_raw(first: u32, last: u32, flags: u32) -> Result<(), Errno> {
+    // SAFETY: plain integers.
+    let r = unsafe { syscall5(libc::SYS_close_range as usize, [first as usize, last as usize, flags as usize, 0, 0]) };
+    check(r).map(|_| ())
+}
+
+/// The kernel's TCP states (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+
+    pub fn name(s: u8) -> &'static str {
+        match s {
+            ESTABLISHED => "ESTABLISHED",
+            SYN_SENT => "SYN_SENT",
+            SYN_RECV => "SYN_RECV",
+            FIN_WAIT1 => "FIN_WAIT1",
+            FIN_WAIT2 => "FIN_WAIT2",
+            TIME_WAIT => "TIME_WAIT",
+            CLOSE => "CLOSE",
+            CLOSE_WAIT => "CLOSE_WAIT",
+            LAST_ACK => "LAST_ACK",
+            LISTEN => "LISTEN",
+            CLOSING => "CLOSING",
+            _ => "UNKNOWN",
+        }
+    }
+}
+
+/// The fields of the kernel's `struct tcp_info` that keepfix reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpInfo {
+    pub state: u8,
+}
+
+pub fn tcp_info(fd: RawFd) -> Result<TcpInfo, Errno> {
+    let mut b = [0u8; 8];
+    let n = getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut b)?;
+    if n < 8 {
+        return Err(Errno::INVAL);
+    }
+    // tcpi_state is the first byte of struct tcp_info (include/uapi/linux/tcp.h).
+    Ok(TcpInfo { state: b[0] })
+}
+
+/// Coarse monotonic time in milliseconds (vDSO, no syscall).
+pub fn now_ms() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    (t.tv_sec as u64).wrapping_mul(1000).wrapping_add((t.tv_nsec / 1_000_000) as u64)
+}
+
+/// Coarse monotonic time in whole seconds, as the fd table stores it.
+pub fn now_s() -> u32 {
+    rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse).tv_sec as u32
+}
+
+/// Wall-clock time: seconds and milliseconds since the epoch (for file log timestamps).
+pub fn wall_time() -> (i64, u32) {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+    (t.tv_sec, (t.tv_nsec / 1_000_000) as u32)
+}
+
+/// The process id, as a raw syscall (glibc no longer caches it).
+pub fn getpid() -> i32 {
+    rustix::process::getpid().as_raw_nonzero().get()
+}

@@ -1,0 +1,219 @@
+//! The watchdog: keepfix's one background thread. It writes what hooks deferred, watches for
+//! CLOSE_WAIT, keeps count of fds against RLIMIT_NOFILE, and writes metrics.
+//!
+//! It starts lazily, at the first TCP socket call (socket, listen, accept, connect) after load,
+//! never in the constructor, and starts again in a forked child at its first such call. Those are
+//! the only hooks that may create it: calls a signal handler, or a child between fork and exec,
+//! typically makes (close, dup2) never do. It blocks every signal the C library lets it block, so
+//! the program's handlers never run on it, and a SIGPIPE from a log write stays pending here. It
+//! holds nothing a hook waits on, except the few syscalls of a release (see fdtable).
+
+use crate::runtime::{self, Runtime};
+use crate::{closewait, keepalive, log, nofile, ownfd, sys};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering::*};
+
+const IDLE: u8 = 0;
+const RUNNING: u8 = 1;
+const FAILED: u8 = 2;
+
+static STATE: AtomicU8 = AtomicU8::new(IDLE);
+static TID: AtomicI32 = AtomicI32::new(0);
+/// Sockets were adopted at load: the first hook call of any kind may start the watchdog.
+static WANTED: AtomicBool = AtomicBool::new(false);
+
+pub fn want_start() {
+    WANTED.store(true, Relaxed);
+}
+
+/// Starts the watchdog if it is not running. One relaxed load when it is.
+#[inline]
+pub fn ensure_started(rt: &'static Runtime) {
+    if STATE.load(Relaxed) == IDLE {
+        start(rt);
+    }
+}
+
+#[cold]
+fn start(rt: &'static Runtime) {
+    if STATE.compare_exchange(IDLE, RUNNING, AcqRel, Relaxed).is_err() {
+        return;
+    }
+    let _errno = sys::ErrnoGuard::save();
+    // keepfix's long-lived fds are made here, in the program's thread, before the watchdog exists:
+    // an open() takes the lowest free number for an instant, which must not race the program's
+    // own allocation (a daemon's close(0); open("/dev/null") relies on getting 0).
+    ownfd::prepare();
+    closewait::prepare(rt);
+    nofile::open_reserve();
+    // SAFETY: plain pthread calls on local storage. The new thread inherits the full signal mask;
+    // glibc's pthread_sigmask keeps its own internal signals (cancellation, setxid) unblocked.
+    let ok = unsafe {
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        let mut old: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setstacksize(&mut attr, 256 * 1024);
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        let mut t: libc::pthread_t = 0;
+        let r = libc::pthread_create(&mut t, &attr, thread_main, rt as *const Runtime as *mut libc::c_void);
+        libc::pthread_attr_destroy(&mut attr);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
+        r == 0
+    };
+    if !ok {
+        STATE.store(FAILED, Relaxed);
+    }
+}
+
+extern "C" fn thread_main(arg: *mut libc::c_void) -> *mut libc::c_void {
+    TID.store(rustix::thread::gettid().as_raw_nonzero().get(), Relaxed);
+    let _ = rustix::thread::set_name(c"keepfix");
+    // SAFETY: the &'static Runtime passed to pthread_create.
+    let rt: &'static Runtime = unsafe { &*(arg as *const Runtime) };
+    run(rt);
+    core::ptr::null_mut()
+}
+
+/// In a forked child: the thread did not come along. The next TCP call starts a new one.
+pub fn after_fork_child() {
+    TID.store(0, Relaxed);
+    if STATE.load(Relaxed) == RUNNING {
+        STATE.store(IDLE, Relaxed);
+        WANTED.store(true, Relaxed);
+    }
+    closewait::after_fork_child();
+}
+
+pub fn on_watchdog_thread() -> bool {
+    let t = TID.load(Relaxed);
+    t != 0 && t == rustix::thread::gettid().as_raw_nonzero().get()
+}
+
+fn run(rt: &'static Runtime) {
+    let cfg = &rt.cfg;
+    log::emit(
+        log::Level::Info,
+        format_args!(
+            "start idle={}s intvl={}s cnt={} user_timeout={} close_wait={} close_wait_after={} scan_interval={} nofile_warn={} detection={}s",
+            cfg.idle_s,
+            cfg.intvl_s,
+            cfg.cnt,
+            cfg.show("KEEPFIX_USER_TIMEOUT"),
+            cfg.close_wait.name(),
+            cfg.show("KEEPFIX_CLOSE_WAIT_AFTER"),
+            cfg.show("KEEPFIX_SCAN_INTERVAL"),
+            cfg.show("KEEPFIX_NOFILE_WARN"),
+            cfg.detection_s()
+        ),
+    );
+    let mut detector = closewait::Detector::new(rt);
+    let mut monitor = nofile::Monitor::new();
+    let mut metrics = crate::metrics::Writer::new(rt);
+    let interval = cfg.scan_interval_ms.max(1);
+    let mut next = sys::now_ms();
+    let mut poked = false;
+    loop {
+        let now = sys::now_ms();
+        report_deferred(&monitor);
+        if now >= next || poked {
+            detector.repair();
+            detector.tick(now);
+            monitor.tick(rt, now, interval);
+            nofile::open_reserve();
+            metrics.write(&detector, &monitor, now);
+            log::flush_suppressed();
+            next = now + interval;
+        }
+        poked = detector.wait(next.saturating_sub(sys::now_ms()).max(1));
+    }
+}
+
+/// Writes the lines hooks deferred. Also called by the destructor at exit, so that a short-lived
+/// program's events are not lost.
+pub fn report_deferred(monitor: &nofile::Monitor) {
+    use log::{Deferred, Level, emit};
+    log::drain(|kind, fd, a, b| match kind {
+        Deferred::AppKeepaliveOff => {
+            let opt = keepalive::Opt::from_index(a);
+            let what = if opt == keepalive::Opt::KeepAlive { "kept_on" } else { "restored" };
+            let action = if b != 0 { what } else { "restore_failed" };
+            emit(
+                Level::Notice,
+                format_args!(
+                    "app_override fd={fd} option={} action={action} note=\"the program changed a keepalive option; KEEPFIX_RESPECT_APP=1 lets it (logged once per option)\"",
+                    opt.name()
+                ),
+            );
+        }
+        Deferred::KeepaliveFailed => emit(
+            Level::Warning,
+            format_args!(
+                "keepalive_failed fd={fd} option={} errno={}",
+                keepalive::Opt::from_index(a).name(),
+                errno_name(b as i32)
+            ),
+        ),
+        Deferred::StuckRelease => emit(Level::Err, format_args!("internal_error what=release_stuck_5s")),
+        Deferred::SelectTooBig => emit(
+            Level::Err,
+            format_args!(
+                "select_nfds_too_big nfds={a} fd_setsize={} note=\"select() on fd >= 1024 reads and writes past fd_set: a memory-corrupting bug in the program\"",
+                libc::FD_SETSIZE
+            ),
+        ),
+        Deferred::Emfile => {
+            let action = match a {
+                nofile::EMFILE_FREED_PLACEHOLDERS => "freed_placeholders_and_accepted",
+                nofile::EMFILE_REJECTED_CONNECTION => "rejected_pending_connection",
+                nofile::EMFILE_NO_RESERVE => "none_no_reserve_fd",
+                _ => "none_no_pending_connection",
+            };
+            let (soft, _) = nofile::limits();
+            let c = nofile::Census::take();
+            let what = if a == nofile::EMFILE_FREED_PLACEHOLDERS {
+                format!("freed={b}")
+            } else {
+                format!("errno={}", errno_name(b as i32))
+            };
+            emit(
+                Level::Warning,
+                format_args!(
+                    "emfile listener={fd} action={action} {what} used={} limit={soft} {}",
+                    c.used,
+                    c.breakdown()
+                ),
+            );
+        }
+        Deferred::RlimitChanged => {
+            emit(Level::Notice, format_args!("rlimit_nofile soft={a} hard={b} used={}", monitor.used()))
+        }
+    });
+}
+
+pub fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::EBADF => "EBADF",
+        libc::EINVAL => "EINVAL",
+        libc::ENOPROTOOPT => "ENOPROTOOPT",
+        libc::ENOTSOCK => "ENOTSOCK",
+        libc::EMFILE => "EMFILE",
+        libc::ENFILE => "ENFILE",
+        libc::EPERM => "EPERM",
+        libc::EACCES => "EACCES",
+        libc::ENOMEM => "ENOMEM",
+        libc::ENOBUFS => "ENOBUFS",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ENOTCONN => "ENOTCONN",
+        libc::ENOSYS => "ENOSYS",
+        _ => "other",
+    }
+}
+
+/// At exit (the destructor): log what is still deferred.
+pub fn at_exit() {
+    if runtime::get().is_some() {
+        report_deferred(&nofile::Monitor::new());
+    }
+}

@@ -1,0 +1,482 @@
+//! Test harness shared by the integration tests: builds the sample C programs, runs them with and
+//! without libkeepfix.so, reads their stdout protocol, and looks at their sockets from outside
+//! (pidfd_getfd, /proc/PID/fd, /proc/net/tcp).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// target/debug (or target/release): where cargo put this test and libkeepfix.so.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+static LIB: OnceLock<PathBuf> = OnceLock::new();
+
+/// libkeepfix.so, of the same profile as this test. Cargo does not build a cdylib for integration
+/// tests, so the first call builds it (`cargo build --lib`, a no-op when it is up to date).
+pub fn lib() -> PathBuf {
+    LIB.get_or_init(|| {
+        let dir = target_dir();
+        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        c.args(["build", "--lib", "--quiet"]).current_dir(root());
+        if dir.file_name().is_some_and(|n| n == "release") {
+            c.arg("--release");
+        }
+        let st = c.status().expect("cargo build --lib");
+        assert!(st.success(), "cargo build --lib failed");
+        let p = dir.join("libkeepfix.so");
+        assert!(p.exists(), "{} is missing after cargo build --lib", p.display());
+        p
+    })
+    .clone()
+}
+
+/// The `keepfix` command built with this test.
+pub fn keepfix_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_keepfix"))
+}
+
+static BUILD: Mutex<()> = Mutex::new(());
+
+/// Compiles c-tests/NAME.c (once per test run, or when the source changed) and returns the binary.
+pub fn c_program(name: &str) -> PathBuf {
+    let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let src = root().join("c-tests").join(format!("{name}.c"));
+    let out_dir = target_dir().join("c-tests");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join(name);
+    let newest_src = ["common.h", &format!("{name}.c"), "errno_check.c"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(root().join("c-tests").join(f)).ok()?.modified().ok())
+        .max();
+    let fresh = std::fs::metadata(&out).ok().and_then(|m| m.modified().ok());
+    if fresh.is_none() || newest_src.is_some_and(|s| Some(s) > fresh) {
+        let tmp = out_dir.join(format!(".{name}.tmp.{}", std::process::id()));
+        let st = Command::new("gcc")
+            .args(["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"])
+            .arg(&tmp)
+            .arg(&src)
+            .status()
+            .expect("gcc");
+        assert!(st.success(), "gcc failed for {name}");
+        std::fs::rename(&tmp, &out).unwrap();
+    }
+    out
+}
+
+/// A sample program running under test.
+pub struct Proc {
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// How to run a program: its arguments, environment, and whether keepfix is preloaded.
+pub struct Run {
+    prog: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    preload: bool,
+    nofile: Option<u64>,
+}
+
+impl Run {
+    pub fn new(name: &str) -> Run {
+        Run { prog: c_program(name), args: vec![], env: vec![], preload: true, nofile: None }
+    }
+    pub fn path(prog: PathBuf) -> Run {
+        Run { prog, args: vec![], env: vec![], preload: true, nofile: None }
+    }
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, a: I) -> Run {
+        self.args.extend(a.into_iter().map(Into::into));
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Run {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+    pub fn plain(mut self) -> Run {
+        self.preload = false;
+        self
+    }
+    /// Runs with this soft and hard RLIMIT_NOFILE.
+    pub fn nofile(mut self, n: u64) -> Run {
+        self.nofile = Some(n);
+        self
+    }
+    pub fn spawn(self) -> Proc {
+        let mut c = Command::new(&self.prog);
+        c.args(&self.args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("KEEPFIX_") || k == "LD_PRELOAD" {
+                c.env_remove(k);
+            }
+        }
+        if self.preload {
+            c.env("LD_PRELOAD", lib());
+        }
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe.
+            unsafe {
+                c.pre_exec(move || {
+                    let l = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = c.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", self.prog.display()));
+        let (tx, rx) = channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(err);
+            let mut buf = [0u8; 4096];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Proc { child, stdin, lines: rx, seen: vec![], stderr }
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for a stdout line starting with `prefix` and returns it.
+    pub fn expect(&mut self, prefix: &str) -> String {
+        self.expect_within(prefix, Duration::from_secs(10))
+    }
+
+    pub fn expect_within(&mut self, prefix: &str, d: Duration) -> String {
+        let deadline = Instant::now() + d;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return l;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => panic!(
+                    "no line starting with {prefix:?} within {d:?}; stdout so far: {:?}; stderr: {}",
+                    self.seen,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// The stdout lines read so far, and any that arrive within `d`.
+    pub fn lines_for(&mut self, d: Duration) -> Vec<String> {
+        let deadline = Instant::now() + d;
+        while let Ok(l) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            self.seen.push(l);
+        }
+        self.seen.clone()
+    }
+
+    pub fn port(&mut self) -> u16 {
+        let l = self.expect("READY");
+        field(&l, "port").parse().unwrap()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until keepfix's log (stderr) has a line containing all of `parts`; returns it.
+    pub fn wait_log(&self, parts: &[&str], d: Duration) -> String {
+        let deadline = Instant::now() + d;
+        loop {
+            if let Some(l) = self.stderr().lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return l.to_string();
+            }
+            assert!(Instant::now() < deadline, "no log line with {parts:?} within {d:?}; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_lines(&self, part: &str) -> Vec<String> {
+        self.stderr().lines().filter(|l| l.contains(part)).map(String::from).collect()
+    }
+
+    pub fn send(&mut self, line: &str) {
+        let s = self.stdin.as_mut().expect("stdin");
+        s.write_all(line.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        s.flush().unwrap();
+    }
+
+    /// SIGTERM, then waits; returns every stdout line and the exit status.
+    pub fn stop(self) -> (Vec<String>, std::process::ExitStatus) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        self.finish()
+    }
+
+    /// Closes stdin and waits for the program to end by itself.
+    pub fn finish(mut self) -> (Vec<String>, std::process::ExitStatus) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                let lines = self.lines_for(Duration::from_millis(200));
+                return (lines, st);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of `key=` in a protocol line.
+pub fn field(line: &str, key: &str) -> String {
+    let k = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&k))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        .to_string()
+}
+
+/// A copy of another process's fd, by pidfd_getfd. Closing it drops our reference.
+pub fn grab_fd(pid: i32, fd: i32) -> OwnedFd {
+    // SAFETY: plain syscalls; the returned fds are ours.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        assert!(pidfd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        let err = std::io::Error::last_os_error();
+        libc::close(pidfd);
+        assert!(copy >= 0, "pidfd_getfd({pid}, {fd}): {err}");
+        OwnedFd::from_raw_fd(copy)
+    }
+}
+
+fn getsockopt_int(fd: &OwnedFd, level: i32, name: i32) -> i32 {
+    let mut v: i32 = -1;
+    let mut len = 4u32;
+    // SAFETY: a valid int buffer.
+    let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&mut v as *mut i32).cast(), &mut len) };
+    assert_eq!(r, 0, "getsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+    v
+}
+
+/// The keepalive options of a socket, read from outside its process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ka {
+    pub on: bool,
+    pub idle: i32,
+    pub intvl: i32,
+    pub cnt: i32,
+    pub user_timeout: i32,
+}
+
+pub fn keepalive_of(pid: i32, fd: i32) -> Ka {
+    let s = grab_fd(pid, fd);
+    ka_of_fd(&s)
+}
+
+pub fn ka_of_fd(s: &OwnedFd) -> Ka {
+    Ka {
+        on: getsockopt_int(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE) != 0,
+        idle: getsockopt_int(s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+        intvl: getsockopt_int(s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+        cnt: getsockopt_int(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+        user_timeout: getsockopt_int(s, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+    }
+}
+
+/// The kernel's defaults on this machine (what a socket keepfix did not touch has).
+pub fn kernel_default_ka() -> Ka {
+    let r = |f: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}")).unwrap().trim().parse().unwrap();
+    Ka {
+        on: false,
+        idle: r("tcp_keepalive_time"),
+        intvl: r("tcp_keepalive_intvl"),
+        cnt: r("tcp_keepalive_probes"),
+        user_timeout: 0,
+    }
+}
+
+pub fn ka(idle: i32, intvl: i32, cnt: i32) -> Ka {
+    Ka { on: true, idle, intvl, cnt, user_timeout: 0 }
+}
+
+/// SO_KEEPALIVE of any socket of another process (UDP, unix…).
+pub fn so_keepalive(pid: i32, fd: i32) -> bool {
+    let s = grab_fd(pid, fd);
+    getsockopt_int(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE) != 0
+}
+
+/// One TCP socket of a process: its fd, and what /proc/net/tcp{,6} says of it.
+#[derive(Clone, Debug)]
+pub struct TcpFd {
+    pub fd: i32,
+    pub inode: u64,
+    /// Kernel state number: 1 ESTABLISHED, 8 CLOSE_WAIT, 10 LISTEN…
+    pub state: u8,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub recv_q: u64,
+}
+
+pub const ESTABLISHED: u8 = 1;
+pub const CLOSE_WAIT: u8 = 8;
+pub const LISTEN: u8 = 10;
+
+/// /proc/net/tcp and tcp6 (of this network namespace), by inode.
+pub fn proc_net_tcp() -> HashMap<u64, (u8, u16, u16, u64)> {
+    let mut m = HashMap::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(t) = std::fs::read_to_string(f) else { continue };
+        for line in t.lines().skip(1) {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            if w.len() < 10 {
+                continue;
+            }
+            let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+            let state = u8::from_str_radix(w[3], 16).unwrap();
+            let rx = u64::from_str_radix(w[4].split(':').nth(1).unwrap(), 16).unwrap();
+            let inode: u64 = w[9].parse().unwrap();
+            if inode != 0 {
+                m.insert(inode, (state, port(w[1]), port(w[2]), rx));
+            }
+        }
+    }
+    m
+}
+
+/// The fds of `pid` that are sockets, with their inodes.
+pub fn socket_fds(pid: i32) -> Vec<(i32, u64)> {
+    let mut v = vec![];
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return v };
+    for e in rd.flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(link) = std::fs::read_link(e.path()) else { continue };
+        let l = link.to_string_lossy();
+        if let Some(ino) = l.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+            v.push((fd, ino.parse().unwrap()));
+        }
+    }
+    v.sort();
+    v
+}
+
+/// The TCP sockets of `pid` that /proc/net/tcp lists (sockets in CLOSE are not listed there).
+pub fn tcp_fds(pid: i32) -> Vec<TcpFd> {
+    let net = proc_net_tcp();
+    socket_fds(pid)
+        .into_iter()
+        .filter_map(|(fd, inode)| {
+            net.get(&inode).map(|&(state, local_port, remote_port, recv_q)| TcpFd {
+                fd,
+                inode,
+                state,
+                local_port,
+                remote_port,
+                recv_q,
+            })
+        })
+        .collect()
+}
+
+/// The number of open fds of `pid`.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Waits until `f` holds, or fails the test with `what`.
+pub fn eventually(what: &str, d: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + d;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {d:?} waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP client connection to 127.0.0.1:port (or ::1), that sends a line and reads the pong.
+pub fn ping(port: u16) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"ping\n").unwrap();
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong\n");
+    s
+}
+
+/// Closes a client socket with a reset (SO_LINGER 0).
+pub fn close_with_rst(s: std::net::TcpStream) {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid linger struct on our own socket.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    drop(s);
+}
+
+/// A process's CPU time (user + system) in clock ticks, from /proc/PID/stat.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &s[s.rfind(')').unwrap() + 2..];
+    let w: Vec<&str> = after.split_whitespace().collect();
+    w[11].parse::<u64>().unwrap() + w[12].parse::<u64>().unwrap()
+}
+
+/// A OnceLock-cached value shared by the tests of one binary.
+pub fn once<T: Send + Sync + 'static>(cell: &'static OnceLock<T>, f: impl FnOnce() -> T) -> &'static T {
+    cell.get_or_init(f)
+}
