@@ -231,12 +231,12 @@ pub fn parse<'a>(
     let sec = |s: u64| DurationRule { min_ms: 1000, max_ms: s * 1000, whole_seconds: true };
 
     if let Some(v) = get("KEEPFIX_IDLE") {
-        if let Some(ms) = duration_var(&mut d, "KEEPFIX_IDLE", &v, sec(MAX_KEEPIDLE_S), 60_000) {
+        if let Some(ms) = duration_var(&mut d, "KEEPFIX_IDLE", &v, sec(MAX_KEEPIDLE_S), "60s") {
             c.idle_s = (ms / 1000) as u32;
         }
     }
     if let Some(v) = get("KEEPFIX_INTVL") {
-        if let Some(ms) = duration_var(&mut d, "KEEPFIX_INTVL", &v, sec(MAX_KEEPINTVL_S), 10_000) {
+        if let Some(ms) = duration_var(&mut d, "KEEPFIX_INTVL", &v, sec(MAX_KEEPINTVL_S), "10s") {
             c.intvl_s = (ms / 1000) as u32;
         }
     }
@@ -254,7 +254,7 @@ pub fn parse<'a>(
             "auto" => UserTimeout::Auto,
             _ => {
                 let rule = DurationRule { min_ms: 0, max_ms: MAX_USER_TIMEOUT_MS, whole_seconds: false };
-                match duration_var(&mut d, "KEEPFIX_USER_TIMEOUT", &v, rule, 0) {
+                match duration_var(&mut d, "KEEPFIX_USER_TIMEOUT", &v, rule, "off") {
                     Some(0) | None => UserTimeout::Off,
                     Some(ms) => UserTimeout::Millis(ms as u32),
                 }
@@ -312,7 +312,7 @@ pub fn parse<'a>(
     }
     if let Some(v) = get("KEEPFIX_CLOSE_WAIT_AFTER") {
         let rule = DurationRule { min_ms: 0, max_ms: u64::from(u32::MAX) * 1000, whole_seconds: false };
-        if let Some(ms) = duration_var(&mut d, "KEEPFIX_CLOSE_WAIT_AFTER", &v, rule, 30_000) {
+        if let Some(ms) = duration_var(&mut d, "KEEPFIX_CLOSE_WAIT_AFTER", &v, rule, "30s") {
             c.close_wait_after_ms = ms;
         }
     }
@@ -328,7 +328,7 @@ pub fn parse<'a>(
     }
     if let Some(v) = get("KEEPFIX_SCAN_INTERVAL") {
         let rule = DurationRule { min_ms: 1, max_ms: 24 * 3600 * 1000, whole_seconds: false };
-        if let Some(ms) = duration_var(&mut d, "KEEPFIX_SCAN_INTERVAL", &v, rule, 5_000) {
+        if let Some(ms) = duration_var(&mut d, "KEEPFIX_SCAN_INTERVAL", &v, rule, "5s") {
             c.scan_interval_ms = ms;
         }
     }
@@ -403,8 +403,8 @@ fn bool_var(d: &mut Vec<Diagnostic>, var: &str, v: &str, default: bool) -> bool 
 
 /// Parses and checks one duration variable. Returns the value to use in milliseconds, or `None`
 /// when the default stays (a diagnostic has then been pushed).
-fn duration_var(d: &mut Vec<Diagnostic>, var: &str, v: &str, rule: DurationRule, default_ms: u64) -> Option<u64> {
-    let using = format!("using {}", show_ms(default_ms));
+fn duration_var(d: &mut Vec<Diagnostic>, var: &str, v: &str, rule: DurationRule, default: &str) -> Option<u64> {
+    let using = format!("using {default}");
     let Some(ms) = parse_duration_ms(v) else {
         d.push(err(var, v, "is not a duration (like 60, 200ms, 1.5s, 10m or 1h)", &using));
         return None;
