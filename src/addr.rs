@@ -47,13 +47,19 @@ fn array<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
     b.get(at..at + N)?.try_into().ok()
 }
 
-/// The peer's address, also for sockets already in CLOSE.
+/// The peer's address, also for sockets already in CLOSE. SO_PEERNAME refuses a buffer longer
+/// than the address (EINVAL), so it is asked for an IPv6 address first, then an IPv4 one.
 pub fn peer(fd: RawFd) -> Addr {
-    let mut b = [0u8; 128];
-    match sys::getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_PEERNAME, &mut b) {
-        Ok(n) => decode(b.get(..n).unwrap_or(&[])),
-        Err(_) => Addr::Unknown,
+    for len in [core::mem::size_of::<libc::sockaddr_in6>(), core::mem::size_of::<libc::sockaddr_in>()] {
+        let mut b = [0u8; 28];
+        let Some(buf) = b.get_mut(..len) else { continue };
+        match sys::getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_PEERNAME, buf) {
+            Ok(n) => return decode(b.get(..n).unwrap_or(&[])),
+            Err(rustix::io::Errno::INVAL) => continue,
+            Err(_) => return Addr::Unknown,
+        }
     }
+    Addr::Unknown
 }
 
 /// The local address.

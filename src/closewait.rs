@@ -619,47 +619,126 @@ fn swap_placeholder(fd: RawFd) -> Result<(), rustix::io::Errno> {
     rustix::io::dup3(null, &mut target, flags)
 }
 
-/// Really closes up to `n` placeholders, oldest first, to free fds. Called by the watchdog near
-/// the limit, and by accept() when it hits EMFILE. Returns how many were closed.
-pub fn vacate_oldest(n: usize) -> usize {
-    const MAX: usize = 16;
-    let n = n.min(MAX);
-    if n == 0 {
-        return 0;
+/// The `K` entries with the greatest key seen by [`Oldest::offer`], in a fixed array: the
+/// EMFILE path runs in a hook, where nothing may allocate.
+struct Oldest<const K: usize> {
+    items: [(u64, RawFd, Meta); K],
+    len: usize,
+}
+
+impl<const K: usize> Oldest<K> {
+    fn new() -> Self {
+        Oldest { items: [(0, -1, Meta(0)); K], len: 0 }
     }
-    let mut best: [(u32, RawFd, Meta); MAX] = [(u32::MAX, -1, Meta(0)); MAX];
-    let mut count = 0usize;
-    fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
-        let m = s.load();
-        if m.state() != State::Placeholder {
+    fn offer(&mut self, key: u64, fd: RawFd, m: Meta) {
+        let pos = self.items.iter().take(self.len).position(|it| it.0 < key).unwrap_or(self.len);
+        if pos >= K {
             return;
         }
-        let when = s.info().0;
-        // Keep the n oldest in `best`, sorted, by an insertion.
-        let pos = best.iter().take(count).position(|b| b.0 > when).unwrap_or(count);
-        if pos >= n {
-            return;
-        }
-        if let Some(tail) = best.get_mut(pos..n) {
+        if let Some(tail) = self.items.get_mut(pos..) {
             tail.rotate_right(1);
         }
-        if let Some(b) = best.get_mut(pos) {
-            *b = (when, fd, m);
+        if let Some(it) = self.items.get_mut(pos) {
+            *it = (key, fd, m);
         }
-        count = (count + 1).min(n);
-    });
-    let mut done = 0;
-    for &(_, fd, m) in best.iter().take(count) {
-        let Some(s) = fdtable::slot(fd) else { continue };
-        let Some(rel) = s.begin_release(m) else { continue };
-        // SAFETY: the number holds keepfix's placeholder, and the program cannot touch it while
-        // the slot is in Releasing.
-        unsafe { rustix::io::close(fd) };
-        s.end_release(rel, rel.with_state(State::Vacated), sys::now_s());
-        VACATED.fetch_add(1, Relaxed);
-        done += 1;
+        self.len = (self.len + 1).min(K);
     }
-    done
+    fn iter(&self) -> impl Iterator<Item = &(u64, RawFd, Meta)> {
+        self.items.iter().take(self.len)
+    }
+}
+
+/// Closes the socket or placeholder at `fd` for good, inside the release protocol, if the slot
+/// still holds `m` and `still` approves what is there; the number becomes Vacated: a later close()
+/// of it by the program is answered 0.
+fn vacate(fd: RawFd, m: Meta, still: impl FnOnce() -> bool) -> bool {
+    let Some(s) = fdtable::slot(fd) else { return false };
+    let Some(rel) = s.begin_release(m) else { return false };
+    if !still() {
+        s.end_release(rel, rel, sys::now_s());
+        return false;
+    }
+    if let Some(b) = sys::borrow(fd).filter(|_| m.state() == State::Tracked) {
+        let _ = rustix::net::shutdown(b, rustix::net::Shutdown::Both);
+    }
+    // SAFETY: the program's number, closed on its behalf while its hooks wait on the slot.
+    unsafe { rustix::io::close(fd) };
+    s.end_release(rel, rel.with_state(State::Vacated), sys::now_s());
+    VACATED.fetch_add(1, Relaxed);
+    true
+}
+
+/// Really closes up to 8 placeholders, oldest first, to free fds: accept() calls it at EMFILE,
+/// from the hook, so it must not allocate. Returns how many were closed.
+pub fn vacate_oldest(n: usize) -> usize {
+    let mut oldest = Oldest::<8>::new();
+    fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
+        let m = s.load();
+        if m.state() == State::Placeholder {
+            // Oldest first: the smallest release time is the greatest key.
+            oldest.offer(u64::from(u32::MAX - s.info().0), fd, m);
+        }
+    });
+    oldest.iter().take(n).filter(|&&(_, fd, m)| vacate(fd, m, || true)).count()
+}
+
+/// The watchdog's version of [`vacate_oldest`], for any number: near the limit it frees many.
+pub fn vacate_oldest_many(n: usize) -> usize {
+    let mut all: Vec<(u32, RawFd, Meta)> = Vec::new();
+    fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
+        let m = s.load();
+        if m.state() == State::Placeholder {
+            all.push((s.info().0, fd, m));
+        }
+    });
+    all.sort_unstable_by_key(|&(when, fd, _)| (when, fd));
+    all.iter().take(n).filter(|&&(_, fd, m)| vacate(fd, m, || true)).count()
+}
+
+/// At EMFILE in close mode with KEEPFIX_CLOSE_WAIT_AFTER=0s, from the accept hook, when no
+/// placeholder is left to close: closes up to 8 of the sockets the program has left in CLOSE_WAIT
+/// (or dead) without waiting for the watchdog's next tick. It picks those whose last data came
+/// longest ago (the program has most likely read their EOF and forgotten them), and skips any with
+/// unread data (unless KEEPFIX_CLOSE_WAIT_UNREAD=drop) or that another fd or process may share.
+/// At most `budget` TCP_INFO calls; no allocation; each release is deferred to the log.
+pub fn release_now(rt: &Runtime, budget: usize) -> usize {
+    if rt.cfg.close_wait != CloseWaitMode::Close || rt.cfg.close_wait_after_ms != 0 {
+        return 0;
+    }
+    let epoch = fdtable::fork_epoch();
+    let dead = |st: u8, m: Meta| st == tcp_state::CLOSE_WAIT || (st == tcp_state::CLOSE && m.has(flag::CONNECTED));
+    let keep_unread = rt.cfg.close_wait_unread == Unread::Keep;
+    let mut checked = 0usize;
+    let mut oldest = Oldest::<8>::new();
+    fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
+        let m = s.load();
+        if checked >= budget || !m.is_tracked() || m.role().is_listener() || m.has(flag::SHARED) || s.info().1 != epoch
+        {
+            return;
+        }
+        checked += 1;
+        if let Ok(i) = sys::tcp_info(fd) {
+            if dead(i.state, m) && !(keep_unread && unread_bytes(fd) > 0) {
+                oldest.offer(u64::from(i.last_data_recv_ms), fd, m);
+            }
+        }
+    });
+    let mut released = 0;
+    for &(_, fd, m) in oldest.iter() {
+        let mut state = 0;
+        // Inside the release protocol: check again that it is the same dead socket.
+        let ok = vacate(fd, m, || {
+            state = sys::tcp_info(fd).map_or(0, |i| i.state);
+            dead(state, m) && !(keep_unread && unread_bytes(fd) > 0)
+        });
+        if ok {
+            FOUND.fetch_add(1, Relaxed);
+            CLOSED.fetch_add(1, Relaxed);
+            released += 1;
+            crate::log::defer(crate::log::Deferred::ReleasedAtEmfile, fd, i64::from(state), 0);
+        }
+    }
+    released
 }
 
 fn program_epoll_fds() -> Vec<RawFd> {

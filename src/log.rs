@@ -40,6 +40,8 @@ pub enum Deferred {
     Emfile = 5,
     /// setrlimit/prlimit changed RLIMIT_NOFILE; a = new soft limit, b = new hard limit.
     RlimitChanged = 6,
+    /// accept() hit EMFILE and released a socket left in CLOSE_WAIT at once; a = TCP state.
+    ReleasedAtEmfile = 7,
 }
 
 impl Deferred {
@@ -51,6 +53,7 @@ impl Deferred {
             4 => Deferred::SelectTooBig,
             5 => Deferred::Emfile,
             6 => Deferred::RlimitChanged,
+            7 => Deferred::ReleasedAtEmfile,
             _ => return None,
         })
     }

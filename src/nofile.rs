@@ -110,7 +110,7 @@ pub fn accept_failed(
     EMFILE_EVENTS.fetch_add(1, Relaxed);
     closewait::poke();
     if rt.cfg.close_wait == CloseWaitMode::Close {
-        let freed = closewait::vacate_oldest(8);
+        let freed = closewait::vacate_oldest(8) + closewait::release_now(rt, 4096);
         if freed > 0 {
             let r = retry();
             if r >= 0 {
@@ -279,10 +279,12 @@ impl Monitor {
         MAX_FD_SEEN.store(-1, Relaxed);
         self.last_used = used;
         if close_mode {
-            let headroom = (soft / 16).clamp(4, 64);
-            if used + headroom >= soft {
-                let want = (used + 2 * headroom).saturating_sub(soft) as usize;
-                let freed = closewait::vacate_oldest(want.max(1));
+            // Placeholders keep the numbers the program believes it owns; they are really closed,
+            // oldest first, only when the table passes 90% of the limit, and then down to 75%.
+            let high = soft.saturating_sub((soft / 10).max(2));
+            if used >= high {
+                let want = used.saturating_sub(soft * 3 / 4) as usize;
+                let freed = closewait::vacate_oldest_many(want.max(1));
                 if freed > 0 {
                     emit(
                         Level::Notice,

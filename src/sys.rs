@@ -191,16 +191,19 @@ pub mod tcp_state {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TcpInfo {
     pub state: u8,
+    /// Milliseconds since the last data arrived (a FIN alone does not count).
+    pub last_data_recv_ms: u32,
 }
 
 pub fn tcp_info(fd: RawFd) -> Result<TcpInfo, Errno> {
-    let mut b = [0u8; 8];
+    let mut b = [0u8; 56];
     let n = getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut b)?;
     if n < 8 {
         return Err(Errno::INVAL);
     }
-    // tcpi_state is the first byte of struct tcp_info (include/uapi/linux/tcp.h).
-    Ok(TcpInfo { state: b[0] })
+    // Offsets in struct tcp_info (include/uapi/linux/tcp.h): tcpi_state 0, tcpi_last_data_recv 52.
+    let last = b.get(52..56).and_then(|s| s.try_into().ok()).map_or(0, u32::from_ne_bytes);
+    Ok(TcpInfo { state: b[0], last_data_recv_ms: if n >= 56 { last } else { 0 } })
 }
 
 /// Coarse monotonic time in milliseconds (vDSO, no syscall).

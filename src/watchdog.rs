@@ -186,6 +186,13 @@ pub fn report_deferred(monitor: &nofile::Monitor) {
                 ),
             );
         }
+        Deferred::ReleasedAtEmfile => emit(
+            Level::Notice,
+            format_args!(
+                "close_wait fd={fd} peer=- local=- age=0s state={} unread=0 action=closed reason=emfile",
+                sys::tcp_state::name(a as u8)
+            ),
+        ),
         Deferred::RlimitChanged => {
             emit(Level::Notice, format_args!("rlimit_nofile soft={a} hard={b} used={}", monitor.used()))
         }

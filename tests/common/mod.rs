@@ -195,11 +195,15 @@ impl Proc {
                         return l;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => panic!(
-                    "no line starting with {prefix:?} within {d:?}; stdout so far: {:?}; stderr: {}",
-                    self.seen,
-                    self.stderr()
-                ),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    let tail: Vec<&String> = self.seen.iter().rev().take(20).rev().collect();
+                    let err = self.stderr();
+                    let err_tail: Vec<&str> =
+                        err.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+                    panic!(
+                        "no line starting with {prefix:?} within {d:?}; last stdout lines: {tail:?}; last stderr lines: {err_tail:#?}"
+                    )
+                }
             }
         }
     }
