@@ -175,7 +175,7 @@ impl Detector {
             leaks: HashMap::new(),
             lines_this_tick: 0,
             folded: [0; 4],
-            last_summary_ms: 0,
+            last_summary_ms: sys::now_ms(),
             epoll_fds: None,
         }
     }

@@ -268,10 +268,18 @@ impl Monitor {
         }
         let warn = u64::from(rt.cfg.nofile_warn_pct);
         let close_mode = rt.cfg.close_wait == CloseWaitMode::Close;
+        // An exact count reads all of /proc/self/fd: O(fds). It is taken when the cheap bounds say
+        // usage may be half way to the warning (the kernel's fd table size, the highest fd accept()
+        // returned, the last count), and once a minute anyway.
         let hint = (MAX_FD_SEEN.load(Relaxed).max(-1) + 1) as u64;
+        let table = ownfd::fd_table_size().unwrap_or(u64::MAX);
         let watch_from = soft * warn.max(40) / 200;
         let every = (60_000 / tick_ms.max(1)).max(1);
-        let need = close_mode || hint.max(self.last_used) >= watch_from || self.ticks % every == 1 || self.level > 0;
+        let need = close_mode
+            || table >= watch_from
+            || hint.max(self.last_used) >= watch_from
+            || self.ticks % every == 1
+            || self.level > 0;
         if !need {
             return;
         }

@@ -15,9 +15,10 @@ use rustix::fs::{Mode, OFlags};
 
 /// /dev/null, read-write: what placeholders are dup3()ed from.
 static NULL: AtomicI32 = AtomicI32::new(-1);
-/// /proc/self/fd, and the pid it belongs to (a forked child needs its own).
+/// /proc/self/fd and /proc/self/status, and the pid they belong to (a forked child needs its own).
 static PROC_FD: AtomicI32 = AtomicI32::new(-1);
-static PROC_FD_PID: AtomicI32 = AtomicI32::new(0);
+static PROC_STATUS: AtomicI32 = AtomicI32::new(-1);
+static PROC_PID: AtomicI32 = AtomicI32::new(0);
 
 fn base() -> i32 {
     let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024);
@@ -126,22 +127,36 @@ pub fn dup_null() -> Option<RawFd> {
     Some(fd.into_raw())
 }
 
+/// The /proc files of this process the watchdog reads every tick, kept open so that reading them
+/// takes no new fd. Inherited across fork they are the parent's: a child opens its own.
+fn proc_file(cell: &AtomicI32, path: &str, flags: OFlags) -> Option<RawFd> {
+    let pid = sys::getpid();
+    if PROC_PID.load(Relaxed) != pid {
+        for c in [&PROC_FD, &PROC_STATUS] {
+            let old = c.swap(-1, AcqRel);
+            if old >= 0 {
+                close(old);
+            }
+        }
+        PROC_PID.store(pid, Relaxed);
+    }
+    cached(cell, || install(sys::own(rustix::fs::open(path, flags | OFlags::CLOEXEC, Mode::empty()).ok()?)))
+}
+
 /// The open /proc/self/fd directory of this process, rewound, for the watchdog's scans.
 pub fn proc_fd_dir() -> Option<RawFd> {
-    let pid = sys::getpid();
-    if PROC_FD_PID.load(Relaxed) != pid {
-        // Inherited from the parent across fork: that is the parent's directory.
-        let old = PROC_FD.swap(-1, AcqRel);
-        if old >= 0 {
-            close(old);
-        }
-        PROC_FD_PID.store(pid, Relaxed);
-    }
-    let fd = cached(&PROC_FD, || {
-        let f = rustix::fs::open("/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .ok()?;
-        install(sys::own(f))
-    })?;
+    let fd = proc_file(&PROC_FD, "/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY)?;
     rustix::fs::seek(sys::borrow(fd)?, rustix::fs::SeekFrom::Start(0)).ok()?;
     Some(fd)
+}
+
+/// The size of this process's kernel fd table (FDSize in /proc/self/status): a power of two at
+/// least as large as the number of open fds, read at the same cost whatever that number is.
+pub fn fd_table_size() -> Option<u64> {
+    let fd = proc_file(&PROC_STATUS, "/proc/self/status", OFlags::RDONLY)?;
+    let mut buf = [0u8; 2048];
+    let n = rustix::io::pread(sys::borrow(fd)?, &mut buf, 0).ok()?;
+    let text = core::str::from_utf8(buf.get(..n)?).ok()?;
+    let rest = text.get(text.find("FDSize:")? + 7..)?;
+    rest.split_whitespace().next()?.parse().ok()
 }
