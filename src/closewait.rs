@@ -49,8 +49,6 @@ static VACATED: AtomicU64 = AtomicU64::new(0);
 static UNREAD_KEPT: AtomicU64 = AtomicU64::new(0);
 /// The program closed a number keepfix had released (placeholder, or vacated).
 static PROGRAM_CLOSED: AtomicU64 = AtomicU64::new(0);
-/// The fd the watchdog is releasing right now, for a fork child to reset.
-static RELEASING_FD: AtomicI32 = AtomicI32::new(-1);
 /// The watchdog's epoll set, and the eventfd in it that hooks use to wake the watchdog early.
 static EPOLL: AtomicI32 = AtomicI32::new(-1);
 static WAKE: AtomicI32 = AtomicI32::new(-1);
@@ -107,10 +105,7 @@ pub fn program_closed() -> u64 {
 
 /// In a fork child: a release under way in the parent's watchdog will not finish here.
 pub fn after_fork_child() {
-    let fd = RELEASING_FD.swap(-1, Relaxed);
-    if fd >= 0 {
-        fdtable::reset_releasing(fd);
-    }
+    fdtable::after_fork_child();
     // The inherited epoll fd is the parent's set: the child makes its own.
     for cell in [&EPOLL, &WAKE] {
         let fd = cell.swap(-1, AcqRel);
@@ -423,8 +418,7 @@ impl Detector {
         let maybe_shared =
             m.has(flag::SHARED) && self.other_fd_shares(fd, ino) || slot.info().1 != fdtable::fork_epoch();
         let in_epoll = maybe_shared && self.in_program_epoll(fd, ino);
-        let Some(rel) = slot.begin_release(m) else { return Outcome::Raced };
-        RELEASING_FD.store(fd, Relaxed);
+        let Some(rel) = slot.begin_release(fd, m) else { return Outcome::Raced };
         // From here to end_release the program cannot close or replace `fd`: its hooks wait.
         let outcome = self.release_claimed(fd, ino, maybe_shared, in_epoll);
         let new = match outcome {
@@ -433,8 +427,7 @@ impl Detector {
             Outcome::ShutDown(_) => rel.with_state(State::Tracked).with_flags(flag::ACTED, 0),
             _ => rel.with_state(State::Tracked),
         };
-        slot.end_release(rel, new, sys::now_s());
-        RELEASING_FD.store(-1, Relaxed);
+        slot.end_release(fd, rel, new, sys::now_s());
         if let (Outcome::KeptUnread(_), Some(l)) = (&outcome, self.leaks.get_mut(&fd)) {
             // The slot's generation moved on; follow it, so the socket stays a suspect.
             l.generation = slot.load().generation();
@@ -653,9 +646,9 @@ impl<const K: usize> Oldest<K> {
 /// of it by the program is answered 0.
 fn vacate(fd: RawFd, m: Meta, still: impl FnOnce() -> bool) -> bool {
     let Some(s) = fdtable::slot(fd) else { return false };
-    let Some(rel) = s.begin_release(m) else { return false };
+    let Some(rel) = s.begin_release(fd, m) else { return false };
     if !still() {
-        s.end_release(rel, rel, sys::now_s());
+        s.end_release(fd, rel, rel.with_state(m.state()), sys::now_s());
         return false;
     }
     if let Some(b) = sys::borrow(fd).filter(|_| m.state() == State::Tracked) {
@@ -663,7 +656,7 @@ fn vacate(fd: RawFd, m: Meta, still: impl FnOnce() -> bool) -> bool {
     }
     // SAFETY: the program's number, closed on its behalf while its hooks wait on the slot.
     unsafe { rustix::io::close(fd) };
-    s.end_release(rel, rel.with_state(State::Vacated), sys::now_s());
+    s.end_release(fd, rel, rel.with_state(State::Vacated), sys::now_s());
     VACATED.fetch_add(1, Relaxed);
     true
 }

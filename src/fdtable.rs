@@ -14,7 +14,7 @@
 //! finds `Releasing` waits for the watchdog's two system calls to finish (the only wait in a hook).
 
 use core::ptr::null_mut;
-use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 use rustix::fd::RawFd;
 
 const CHUNK_SHIFT: u32 = 10;
@@ -210,6 +210,10 @@ static DIRTY: [AtomicU64; DIR_LEN / 64] = [const { AtomicU64::new(0) }; DIR_LEN 
 static CHUNKS_END: AtomicUsize = AtomicUsize::new(0);
 /// Chunks allocated, for the memory figure in metrics.
 static CHUNKS_ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+/// The fds whose release is under way, in any thread (a release takes a cell for its few system
+/// calls; with all cells taken, a release waits for the next chance).
+static RELEASING: [AtomicI32; 8] = [const { AtomicI32::new(-1) }; 8];
+
 /// Counts fork() calls of this process and its ancestors since load: a socket seen before the
 /// latest fork may have a copy in a child process.
 static FORK_EPOCH: AtomicU32 = AtomicU32::new(0);
@@ -286,7 +290,7 @@ fn mark_dirty(fd: RawFd) {
 }
 
 /// Waits for a `Releasing` slot to settle. The watchdog holds that state across two or three
-/// non-blocking system calls; after fork a child resets it (see [`reset_releasing`]). The bound
+/// non-blocking system calls; after fork a child resets it (see [`after_fork_child`]). The bound
 /// is a last resort against a bug, so that a hook can never hang for ever.
 fn wait_settled(slot: &Slot) -> Meta {
     let mut spins = 0u32;
@@ -387,19 +391,31 @@ impl Slot {
         self.meta.compare_exchange(expected.0, new.next_gen().0, AcqRel, Acquire).is_ok()
     }
 
-    /// The watchdog starts a release of the socket it inspected as `expected`.
-    pub fn begin_release(&self, expected: Meta) -> Option<Meta> {
+    /// Starts a release of fd `fd`, inspected as `expected`: the watchdog's, or an accept() hook's
+    /// at EMFILE. The fd is registered first, so that a fork() at any instant leaves the child
+    /// able to undo a release whose thread it does not have (see [`after_fork_child`]).
+    pub fn begin_release(&self, fd: RawFd, expected: Meta) -> Option<Meta> {
+        let cell = RELEASING.iter().find(|c| c.compare_exchange(-1, fd, AcqRel, Relaxed).is_ok())?;
         let rel = expected.with_state(State::Releasing);
-        self.meta.compare_exchange(expected.0, rel.0, AcqRel, Acquire).ok().map(|_| rel)
+        match self.meta.compare_exchange(expected.0, rel.0, AcqRel, Acquire) {
+            Ok(_) => Some(rel),
+            Err(_) => {
+                cell.store(-1, Release);
+                None
+            }
+        }
     }
 
     /// Ends a release begun with [`Slot::begin_release`]: stores `new` under the next generation.
     /// A placeholder's or a vacated number's time is when it became one (for oldest-first).
-    pub fn end_release(&self, rel: Meta, new: Meta, when_s: u32) {
+    pub fn end_release(&self, fd: RawFd, rel: Meta, new: Meta, when_s: u32) {
         if new.state() != State::Tracked {
             self.set_seen(when_s);
         }
         self.meta.store(Meta(new.0).with_generation(rel.generation().wrapping_add(1)).0, Release);
+        if let Some(c) = RELEASING.iter().find(|c| c.load(Relaxed) == fd) {
+            c.store(-1, Release);
+        }
     }
 
     /// Changes flags the watchdog keeps (WATCHED, ACTED, CONNECTED) if the word is still exactly
@@ -479,15 +495,17 @@ pub fn mark_all_dirty_again() {
     }
 }
 
-/// After fork(), in the child: a release the parent's watchdog had under way will never finish
-/// here, since the watchdog thread does not exist in the child.
-pub fn reset_releasing(fd: RawFd) {
-    if let Some(s) = slot(fd) {
-        let m = s.load();
-        if m.state() == State::Releasing {
-            // The child's fd is the socket or the placeholder, depending on when fork() came; the
-            // child's watchdog re-checks what it is before doing anything.
-            s.meta.store(m.with_state(State::Tracked).next_gen().0, Release);
+/// After fork(), in the child: the releases under way in the parent's threads will not finish
+/// here. The child's fd is the socket or the placeholder, depending on when fork() came; the
+/// child's watchdog checks what it is before doing anything.
+pub fn after_fork_child() {
+    for c in RELEASING.iter() {
+        let fd = c.swap(-1, AcqRel);
+        if let Some(s) = slot(fd) {
+            let m = s.load();
+            if m.state() == State::Releasing {
+                s.meta.store(m.with_state(State::Tracked).next_gen().0, Release);
+            }
         }
     }
 }
@@ -517,9 +535,10 @@ mod tests {
         assert_eq!(s.claim().state(), State::Tracked);
         let again = s.track(5000, Role::Accepted, false, 0, 2);
         assert_ne!(seen, again);
-        assert!(s.begin_release(seen).is_none());
-        let rel = s.begin_release(again).unwrap();
-        s.end_release(rel, rel.with_state(State::Placeholder), 3);
+        assert!(s.begin_release(5000, seen).is_none());
+        let rel = s.begin_release(5000, again).unwrap();
+        assert_eq!(s.load().state(), State::Releasing);
+        s.end_release(5000, rel, rel.with_state(State::Placeholder), 3);
         assert_eq!(s.load().state(), State::Placeholder);
         assert_eq!(s.claim().state(), State::Placeholder);
         assert_eq!(s.load().state(), State::None);

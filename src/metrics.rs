@@ -220,6 +220,20 @@ pub fn render(detector: &Detector, monitor: &Monitor, now: u64, program: &str) -
         &[("", crate::log::dropped_lines() as f64)],
     );
     metric("keepfix_table_bytes", "gauge", "Memory of keepfix's fd table.", &[("", fdtable::mapped_bytes() as f64)]);
+    let (ticks, last, max, cpu) = crate::watchdog::tick_stats();
+    metric("keepfix_watchdog_ticks_total", "counter", "Periodic watchdog ticks.", &[("", ticks as f64)]);
+    metric(
+        "keepfix_watchdog_tick_seconds",
+        "gauge",
+        "How long the watchdog's periodic work took: the last tick and the longest.",
+        &[("stat=\"last\"", last as f64 / 1e9), ("stat=\"max\"", max as f64 / 1e9)],
+    );
+    metric(
+        "keepfix_watchdog_cpu_seconds_total",
+        "counter",
+        "CPU time of keepfix's watchdog thread.",
+        &[("", cpu as f64 / 1e9)],
+    );
     if let Some(rt) = rt {
         let c = &rt.cfg;
         let ut = c.user_timeout_ms().map_or(0.0, |ms| f64::from(ms) / 1000.0);

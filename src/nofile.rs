@@ -164,6 +164,7 @@ impl Census {
         let mut c = Census::default();
         crate::keepalive::for_each_open_fd(&mut |fd| {
             c.used += 1;
+            let mut tracked = false;
             if let Some(s) = fdtable::slot(fd) {
                 match s.load().state() {
                     State::Own => {
@@ -174,10 +175,21 @@ impl Census {
                         c.placeholders += 1;
                         return;
                     }
+                    State::Tracked => tracked = true,
                     _ => {}
                 }
             }
             let Some(b) = sys::borrow(fd) else { return };
+            // A socket the table tracks is TCP: one TCP_INFO, no probing.
+            if tracked {
+                if let Ok(i) = sys::tcp_info(fd) {
+                    c.tcp += 1;
+                    if let Some(n) = c.tcp_by_state.get_mut(i.state as usize) {
+                        *n += 1;
+                    }
+                    return;
+                }
+            }
             let is_sock = rustix::fs::fstat(b).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK);
             if !is_sock {
                 c.other_fds += 1;

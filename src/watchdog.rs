@@ -10,13 +10,28 @@
 
 use crate::runtime::{self, Runtime};
 use crate::{closewait, keepalive, log, nofile, ownfd, sys};
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, Ordering::*};
 
 const IDLE: u8 = 0;
 const RUNNING: u8 = 1;
 const FAILED: u8 = 2;
 
 static STATE: AtomicU8 = AtomicU8::new(IDLE);
+/// The last and the longest periodic tick, in nanoseconds, and the thread's CPU time: metrics.
+static TICK_LAST_NS: AtomicU64 = AtomicU64::new(0);
+static TICK_MAX_NS: AtomicU64 = AtomicU64::new(0);
+static TICKS: AtomicU64 = AtomicU64::new(0);
+static CPU_NS: AtomicU64 = AtomicU64::new(0);
+
+/// (ticks, last tick ns, longest tick ns, watchdog CPU ns) since the watchdog started.
+pub fn tick_stats() -> (u64, u64, u64, u64) {
+    (TICKS.load(Relaxed), TICK_LAST_NS.load(Relaxed), TICK_MAX_NS.load(Relaxed), CPU_NS.load(Relaxed))
+}
+
+fn clock_ns(id: rustix::time::ClockId) -> u64 {
+    let t = rustix::time::clock_gettime(id);
+    (t.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(t.tv_nsec as u64)
+}
 static TID: AtomicI32 = AtomicI32::new(0);
 /// Sockets were adopted at load: the first hook call of any kind may start the watchdog.
 static WANTED: AtomicBool = AtomicBool::new(false);
@@ -118,10 +133,16 @@ fn run(rt: &'static Runtime) {
         let now = sys::now_ms();
         report_deferred(&monitor);
         if now >= next || poked {
+            let t0 = clock_ns(rustix::time::ClockId::Monotonic);
             detector.repair();
             detector.tick(now);
             monitor.tick(rt, now, interval);
             nofile::open_reserve();
+            let took = clock_ns(rustix::time::ClockId::Monotonic).saturating_sub(t0);
+            TICKS.fetch_add(1, Relaxed);
+            TICK_LAST_NS.store(took, Relaxed);
+            TICK_MAX_NS.fetch_max(took, Relaxed);
+            CPU_NS.store(clock_ns(rustix::time::ClockId::ThreadCPUTime), Relaxed);
             metrics.write(&detector, &monitor, now);
             log::flush_suppressed();
             next = now + interval;
@@ -134,6 +155,8 @@ fn run(rt: &'static Runtime) {
 /// program's events are not lost.
 pub fn report_deferred(monitor: &nofile::Monitor) {
     use log::{Deferred, Level, emit};
+    // A census reads every fd: at most one per batch, however many EMFILE events came.
+    let mut census: Option<nofile::Census> = None;
     log::drain(|kind, fd, a, b| match kind {
         Deferred::AppKeepaliveOff => {
             let opt = keepalive::Opt::from_index(a);
@@ -171,7 +194,7 @@ pub fn report_deferred(monitor: &nofile::Monitor) {
                 _ => "none_no_pending_connection",
             };
             let (soft, _) = nofile::limits();
-            let c = nofile::Census::take();
+            let c = census.get_or_insert_with(nofile::Census::take);
             let what = if a == nofile::EMFILE_FREED_PLACEHOLDERS {
                 format!("freed={b}")
             } else {
