@@ -662,8 +662,9 @@ fn vacate(fd: RawFd, m: Meta, still: impl FnOnce() -> bool) -> bool {
 }
 
 /// Really closes up to 8 placeholders, oldest first, to free fds: accept() calls it at EMFILE,
-/// from the hook, so it must not allocate. Returns how many were closed.
-pub fn vacate_oldest(n: usize) -> usize {
+/// from the hook, so it must not allocate. Returns how many were closed, and how many it tried
+/// (a try fails when the watchdog changed the slot meanwhile).
+pub fn vacate_oldest(n: usize) -> (usize, usize) {
     let mut oldest = Oldest::<8>::new();
     fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
         let m = s.load();
@@ -672,7 +673,8 @@ pub fn vacate_oldest(n: usize) -> usize {
             oldest.offer(u64::from(u32::MAX - s.info().0), fd, m);
         }
     });
-    oldest.iter().take(n).filter(|&&(_, fd, m)| vacate(fd, m, || true)).count()
+    let tried = oldest.iter().take(n).count();
+    (oldest.iter().take(n).filter(|&&(_, fd, m)| vacate(fd, m, || true)).count(), tried)
 }
 
 /// The watchdog's version of [`vacate_oldest`], for any number: near the limit it frees many.
@@ -693,10 +695,11 @@ pub fn vacate_oldest_many(n: usize) -> usize {
 /// (or dead) without waiting for the watchdog's next tick. It picks those whose last data came
 /// longest ago (the program has most likely read their EOF and forgotten them), and skips any with
 /// unread data (unless KEEPFIX_CLOSE_WAIT_UNREAD=drop) or that another fd or process may share.
-/// At most `budget` TCP_INFO calls; no allocation; each release is deferred to the log.
-pub fn release_now(rt: &Runtime, budget: usize) -> usize {
+/// At most `budget` TCP_INFO calls; no allocation; each release is deferred to the log. Returns
+/// how many were released, and how many it tried.
+pub fn release_now(rt: &Runtime, budget: usize) -> (usize, usize) {
     if rt.cfg.close_wait != CloseWaitMode::Close || rt.cfg.close_wait_after_ms != 0 {
-        return 0;
+        return (0, 0);
     }
     let epoch = fdtable::fork_epoch();
     let dead = |st: u8, m: Meta| st == tcp_state::CLOSE_WAIT || (st == tcp_state::CLOSE && m.has(flag::CONNECTED));
@@ -731,7 +734,7 @@ pub fn release_now(rt: &Runtime, budget: usize) -> usize {
             crate::log::defer(crate::log::Deferred::ReleasedAtEmfile, fd, i64::from(state), 0);
         }
     }
-    released
+    (released, oldest.iter().count())
 }
 
 fn program_epoll_fds() -> Vec<RawFd> {

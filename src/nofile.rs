@@ -110,8 +110,19 @@ pub fn accept_failed(
     EMFILE_EVENTS.fetch_add(1, Relaxed);
     closewait::poke();
     if rt.cfg.close_wait == CloseWaitMode::Close {
-        let freed = closewait::vacate_oldest(8) + closewait::release_now(rt, 4096);
-        if freed > 0 {
+        // A few rounds: while the watchdog releases a batch, the slots this scan picked change
+        // under it, and every try fails although there is plenty to free a moment later.
+        for _round in 0..4 {
+            let (vacated, tried_v) = closewait::vacate_oldest(8);
+            let (released, tried_r) = closewait::release_now(rt, 4096);
+            let freed = vacated + released;
+            if freed == 0 {
+                if tried_v + tried_r == 0 {
+                    break;
+                }
+                rustix::thread::sched_yield();
+                continue;
+            }
             let r = retry();
             if r >= 0 {
                 accepted(r);
