@@ -40,18 +40,27 @@ impl Writer {
     pub fn write(&mut self, detector: &Detector, monitor: &Monitor, now: u64) {
         let Some((path, tmp)) = &self.path else { return };
         let text = render(detector, monitor, now, &self.program);
-        if let Err(e) = write_atomically(path, tmp, text.as_bytes()) {
-            if !self.failed_logged {
+        // A failure is said once, and so is the recovery: a stale file never goes unnoticed.
+        match write_atomically(path, tmp, text.as_bytes()) {
+            Err(e) if !self.failed_logged => {
                 self.failed_logged = true;
                 crate::log::emit(
                     crate::log::Level::Warning,
                     format_args!(
-                        "metrics path={} action=failed errno={}",
+                        "metrics path={} action=failed errno={} note=\"the file is stale until a line says recovered\"",
                         crate::log::Quoted(path.as_bytes()),
                         e.raw_os_error()
                     ),
                 );
             }
+            Ok(()) if self.failed_logged => {
+                self.failed_logged = false;
+                crate::log::emit(
+                    crate::log::Level::Notice,
+                    format_args!("metrics path={} action=recovered", crate::log::Quoted(path.as_bytes())),
+                );
+            }
+            _ => {}
         }
     }
 }
