@@ -1,0 +1,287 @@
+//! The metrics file (KEEPFIX_METRICS=DIR → DIR/keepfix-PID.prom): valid Prometheus text format,
+//! figures that match the program's real state, shown by `keepfix status`, and gone after a
+//! normal exit.
+mod common;
+use common::*;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One metric family: its HELP, TYPE and samples.
+#[derive(Debug, Default)]
+struct Family {
+    help: Option<String>,
+    kind: Option<String>,
+    samples: Vec<(BTreeMap<String, String>, f64)>,
+}
+
+/// A strict parser of the Prometheus text exposition format (version 0.0.4). Every line must
+/// parse; a family's HELP and TYPE come once each, before its samples; a family's lines are
+/// together; no series appears twice; every family has HELP, TYPE and a sample. The error names
+/// the line.
+fn parse_prometheus(text: &str) -> Result<BTreeMap<String, Family>, String> {
+    if !text.ends_with('\n') {
+        return Err("the text does not end with a newline".into());
+    }
+    let mut families: BTreeMap<String, Family> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    let mut closed: BTreeSet<String> = BTreeSet::new();
+    let mut series: BTreeSet<String> = BTreeSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let bad = |why: &str| format!("line {}: {why}: {line:?}", n + 1);
+        // A family's lines must be together: entering one already left is an error.
+        let mut enter = |name: &str| -> Result<(), String> {
+            if current.as_deref() != Some(name) {
+                if let Some(prev) = current.replace(name.to_string()) {
+                    closed.insert(prev);
+                }
+                if closed.contains(name) {
+                    return Err(bad("the lines of this family are not together"));
+                }
+            }
+            Ok(())
+        };
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix('#') {
+            let words: Vec<&str> = comment.trim_start().splitn(3, ' ').collect();
+            match words.as_slice() {
+                ["HELP", name, help @ ..] if valid_name(name) => {
+                    enter(name)?;
+                    let f = families.entry(name.to_string()).or_default();
+                    if f.help.is_some() || !f.samples.is_empty() {
+                        return Err(bad("HELP twice, or after samples"));
+                    }
+                    f.help = Some(help.first().copied().unwrap_or_default().to_string());
+                }
+                ["TYPE", name, kind] if valid_name(name) => {
+                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(kind) {
+                        return Err(bad("unknown TYPE"));
+                    }
+                    enter(name)?;
+                    let f = families.entry(name.to_string()).or_default();
+                    if f.kind.is_some() || !f.samples.is_empty() {
+                        return Err(bad("TYPE twice, or after samples"));
+                    }
+                    f.kind = Some(kind.to_string());
+                }
+                ["HELP" | "TYPE", ..] => return Err(bad("malformed HELP or TYPE")),
+                _ => {} // a plain comment
+            }
+            continue;
+        }
+        let (name, labels, rest) = parse_series(line).ok_or_else(|| bad("malformed sample"))?;
+        let mut words = rest.split(' ');
+        let value = words.next().and_then(parse_value).ok_or_else(|| bad("bad value"))?;
+        match (words.next(), words.next()) {
+            (None, None) => {}
+            (Some(ts), None) if ts.parse::<i64>().is_ok() => {} // a timestamp
+            _ => return Err(bad("trailing text after the value")),
+        }
+        enter(&name)?;
+        if !series.insert(format!("{name}{labels:?}")) {
+            return Err(bad("the same series twice"));
+        }
+        families.entry(name).or_default().samples.push((labels, value));
+    }
+    for (name, f) in &families {
+        if f.help.is_none() || f.kind.is_none() || f.samples.is_empty() {
+            return Err(format!("{name} lacks its HELP, its TYPE or a sample"));
+        }
+    }
+    Ok(families)
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// `name{a="x",b="y"} rest` → (name, labels, rest).
+fn parse_series(line: &str) -> Option<(String, BTreeMap<String, String>, &str)> {
+    let end = line.find(['{', ' '])?;
+    let name = &line[..end];
+    if !valid_name(name) {
+        return None;
+    }
+    let mut labels = BTreeMap::new();
+    let mut rest = &line[end..];
+    if let Some(mut inner) = rest.strip_prefix('{') {
+        loop {
+            if let Some(after) = inner.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let (key, after) = inner.split_once("=\"")?;
+            if !valid_name(key) || key.contains(':') || labels.contains_key(key) {
+                return None;
+            }
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let close = loop {
+                match chars.next()? {
+                    (i, '"') => break i,
+                    (_, '\\') => match chars.next()?.1 {
+                        '\\' => value.push('\\'),
+                        '"' => value.push('"'),
+                        'n' => value.push('\n'),
+                        _ => return None,
+                    },
+                    (_, '\n') => return None,
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.insert(key.to_string(), value);
+            inner = &after[close + 1..];
+            inner = inner.strip_prefix(',').unwrap_or(inner);
+        }
+    }
+    Some((name.to_string(), labels, rest.strip_prefix(' ')?))
+}
+
+fn parse_value(v: &str) -> Option<f64> {
+    match v {
+        "+Inf" => Some(f64::INFINITY),
+        "-Inf" => Some(f64::NEG_INFINITY),
+        "NaN" => Some(f64::NAN),
+        _ if v.bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b)) && !v.is_empty() => v.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The value of `name` with these labels (besides pid and program).
+fn value(families: &BTreeMap<String, Family>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let f = families.get(name).unwrap_or_else(|| panic!("no metric {name}"));
+    let matching: Vec<f64> = f
+        .samples
+        .iter()
+        .filter(|(l, _)| labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(matching.len(), 1, "{name}{labels:?}: {:?}", f.samples);
+    matching[0]
+}
+
+/// A fresh directory for one test's metrics, removed when dropped.
+struct MetricsDir(PathBuf);
+
+impl MetricsDir {
+    fn new(test: &str) -> MetricsDir {
+        let d = std::env::temp_dir().join(format!("keepfix-metrics-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        MetricsDir(d)
+    }
+    fn file_of(&self, pid: i32) -> PathBuf {
+        self.0.join(format!("keepfix-{pid}.prom"))
+    }
+}
+
+impl Drop for MetricsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The metrics file, parsed; `None` while it does not exist. Any format error fails the test.
+fn read_metrics(path: &Path) -> Option<BTreeMap<String, Family>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(parse_prometheus(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", path.display())))
+}
+
+#[test]
+fn metrics_match_the_program_and_keepfix_status_and_go_at_exit() {
+    const LEAKED: usize = 3;
+    let dir = MetricsDir::new("leak");
+    let mut p = Run::new("leak_eof_server")
+        .env("KEEPFIX_METRICS", dir.0.to_str().unwrap())
+        .env("KEEPFIX_SCAN_INTERVAL", "100ms")
+        .env("KEEPFIX_CLOSE_WAIT", "close")
+        .env("KEEPFIX_CLOSE_WAIT_AFTER", "0s")
+        .nofile(500)
+        .args(["0"])
+        .spawn();
+    let port = p.port();
+    let pid = p.pid();
+    for _ in 0..LEAKED {
+        drop(ping(port)); // the server never closes its end: keepfix releases it
+    }
+    let file = dir.file_of(pid);
+    eventually("the metrics file counts 3 released sockets", Duration::from_secs(10), || {
+        read_metrics(&file)
+            .is_some_and(|m| value(&m, "keepfix_close_wait_actions_total", &[("action", "closed")]) == 3.0)
+    });
+    eventually("no socket left in CLOSE_WAIT", Duration::from_secs(5), || {
+        tcp_fds(pid).iter().all(|t| t.state != CLOSE_WAIT)
+    });
+    // Two scans later, every figure is settled.
+    std::thread::sleep(Duration::from_millis(250));
+    let m = read_metrics(&file).unwrap();
+
+    for (name, f) in &m {
+        for (labels, _) in &f.samples {
+            assert_eq!(labels.get("pid"), Some(&pid.to_string()), "{name}");
+            assert_eq!(labels.get("program").map(String::as_str), Some("leak_eof_server"), "{name}");
+        }
+    }
+    assert_eq!(value(&m, "keepfix_up", &[]), 1.0);
+    assert_eq!(value(&m, "keepfix_close_wait_found_total", &[]), LEAKED as f64);
+    assert_eq!(value(&m, "keepfix_close_wait_actions_total", &[("action", "closed")]), LEAKED as f64);
+    assert_eq!(value(&m, "keepfix_sockets", &[("state", "released")]), LEAKED as f64, "placeholders hold the numbers");
+    assert_eq!(value(&m, "keepfix_sockets", &[("state", "close_wait")]), 0.0);
+    assert_eq!(value(&m, "keepfix_sockets", &[("state", "listen")]), 1.0);
+    assert_eq!(value(&m, "keepfix_tracked_sockets", &[("role", "listener")]), 1.0);
+    assert_eq!(value(&m, "keepfix_emfile_total", &[]), 0.0);
+    assert_eq!(value(&m, "keepfix_fds_limit", &[("kind", "soft")]), 500.0);
+    assert_eq!(value(&m, "keepfix_fds_limit", &[("kind", "hard")]), 500.0);
+    let fds_used = value(&m, "keepfix_fds_used", &[]);
+    let real = fd_count(pid) as f64;
+    assert!((fds_used - real).abs() <= 2.0, "keepfix_fds_used {fds_used}, /proc/{pid}/fd has {real}");
+    assert_eq!(m["keepfix_close_wait_found_total"].kind.as_deref(), Some("counter"));
+    assert_eq!(m["keepfix_fds_used"].kind.as_deref(), Some("gauge"));
+
+    // `keepfix status` finds the file through the process's environment and shows its figures.
+    lib();
+    let o = std::process::Command::new(keepfix_bin()).args(["status", "--json", &pid.to_string()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let s = &v["processes"][0];
+    assert_eq!(s["keepfix_loaded"], true);
+    let k = &s["keepfix_metrics"];
+    assert_eq!(k["file"], file.to_str().unwrap());
+    assert_eq!(k["released"], LEAKED);
+    assert_eq!(k["close_wait_found"], LEAKED);
+    assert_eq!(k["close_wait_held"], 0);
+    assert_eq!(k["emfile_events"], 0);
+    assert_eq!(k["fds_used"].as_f64(), Some(fds_used));
+    assert!(k["age_seconds"].as_f64().unwrap() < 5.0, "{k}");
+    assert_eq!(s["tcp_states"]["close_wait"], 0);
+    let o = std::process::Command::new(keepfix_bin()).args(["status", &pid.to_string()]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains(&format!("CLOSE_WAIT found {LEAKED}, released {LEAKED}")), "{text}");
+
+    // A normal exit (SIGTERM → exit 0) removes the file: no stale figures for a dead process.
+    let (_, status) = p.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(!file.exists(), "{} is still there after exit", file.display());
+}
+
+#[test]
+fn the_parser_refuses_what_prometheus_would() {
+    let good = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\",y=\"q\\\"\"} 3\n";
+    assert_eq!(parse_prometheus(good).unwrap()["a_total"].samples.len(), 1);
+    for (bad, why) in [
+        ("a_total 3\n", "no HELP, no TYPE"),
+        ("# HELP a A.\n# TYPE a gauge\na{x=\"1} 3\n", "unterminated label value"),
+        ("# HELP a A.\n# TYPE a gauge\na 3 extra\n", "trailing text"),
+        ("# HELP a A.\n# TYPE a gauge\na three\n", "bad value"),
+        ("# HELP a A.\n# TYPE a meter\na 1\n", "unknown type"),
+        ("# HELP a A.\n# TYPE a gauge\na 1\na 2\n", "the same series twice"),
+        ("# HELP a A.\n# TYPE a gauge\na 1\n# HELP b B.\n# TYPE b gauge\nb 1\na{x=\"1\"} 2\n", "split family"),
+    ] {
+        assert!(parse_prometheus(bad).is_err(), "accepted ({why}): {bad:?}");
+    }
+}
