@@ -12,7 +12,10 @@
 //! `log` writes one line. `shutdown` sends our FIN and wakes the program. `close` shuts the socket
 //! down and then swaps a placeholder (/dev/null) onto its number with dup3, keeping FD_CLOEXEC:
 //! the socket is gone, the number stays the program's, and its own later close() just closes the
-//! placeholder. Near RLIMIT_NOFILE the oldest placeholders are really closed ("vacated"). Every
+//! placeholder. Near RLIMIT_NOFILE the oldest placeholders are really closed ("vacated"), but only
+//! those whose socket's end (EOF or error) the program had read when keepfix released it: a
+//! program that has not seen the end (a pool yet to notice) may still write to the number, and a
+//! vacated number goes to the next file it opens. Every
 //! action happens inside the fd table's release protocol, so it can never hit a number the program
 //! closed and reused meanwhile. A socket with unread data is kept unless
 //! KEEPFIX_CLOSE_WAIT_UNREAD=drop; shutdown() sends our FIN after any data still queued, and a
@@ -143,7 +146,8 @@ enum Outcome {
     NotLeaked,
     KeptUnread(u32),
     ShutDown(&'static str),
-    Closed,
+    /// Replaced by a placeholder; true if the program had read the socket's end (SAW_END).
+    Closed(bool),
 }
 
 pub struct Detector {
@@ -377,7 +381,7 @@ impl Detector {
                 "kept_unread"
             }
             Outcome::ShutDown(a) => a,
-            Outcome::Closed => "closed",
+            Outcome::Closed(_) => "closed",
         };
         if action != "kept_unread" {
             leak.done = Some(action);
@@ -422,7 +426,9 @@ impl Detector {
         // From here to end_release the program cannot close or replace `fd`: its hooks wait.
         let outcome = self.release_claimed(fd, ino, maybe_shared, in_epoll);
         let new = match outcome {
-            Outcome::Closed => rel.with_state(State::Placeholder),
+            Outcome::Closed(saw_end) => {
+                rel.with_state(State::Placeholder).with_flags(if saw_end { flag::SAW_END } else { 0 }, 0)
+            }
             Outcome::Gone => Meta::new(State::None, Role::Socket, false, 0, 0),
             Outcome::ShutDown(_) => rel.with_state(State::Tracked).with_flags(flag::ACTED, 0),
             _ => rel.with_state(State::Tracked),
@@ -450,6 +456,7 @@ impl Detector {
             return Outcome::NotLeaked;
         }
         let unread = unread_bytes(fd);
+        let saw_end = program_saw_end(fd);
         if let Some(l) = self.leaks.get_mut(&fd) {
             l.unread = unread;
             l.state = info.state;
@@ -470,7 +477,7 @@ impl Detector {
         }
         let _ = maybe_shared;
         match swap_placeholder(fd) {
-            Ok(()) => Outcome::Closed,
+            Ok(()) => Outcome::Closed(saw_end),
             Err(_) => Outcome::ShutDown("shutdown_no_placeholder"),
         }
     }
@@ -593,6 +600,26 @@ impl Detector {
     }
 }
 
+/// Has the program read the end of this dead socket? In CLOSE_WAIT the peer's FIN stays in the
+/// receive queue (charged to SO_MEMINFO's rmem_alloc) until a read() consumes it; a reset or a
+/// keepalive timeout leaves an error pending (POLLERR) until a read() or write() reports it.
+/// Unknown counts as not seen.
+fn program_saw_end(fd: RawFd) -> bool {
+    const SO_MEMINFO: i32 = 55;
+    let mut mem = [0u8; 4];
+    let queued = match sys::getsockopt_raw(fd, libc::SOL_SOCKET, SO_MEMINFO, &mut mem) {
+        Ok(4..) => u32::from_ne_bytes(mem) != 0,
+        _ => true,
+    };
+    let Some(b) = sys::borrow(fd) else { return false };
+    let mut p = [rustix::event::PollFd::new(&b, rustix::event::PollFlags::IN)];
+    let error_pending = match rustix::event::poll(&mut p, Some(&rustix::time::Timespec::default())) {
+        Ok(_) => p.first().is_some_and(|p| p.revents().contains(rustix::event::PollFlags::ERR)),
+        Err(_) => true,
+    };
+    !queued && !error_pending
+}
+
 /// Bytes received and not yet read by the program (SIOCINQ).
 fn unread_bytes(fd: RawFd) -> u32 {
     sys::borrow(fd).and_then(|b| rustix::io::ioctl_fionread(b).ok()).map_or(0, |n| n.min(u64::from(u32::MAX)) as u32)
@@ -668,7 +695,7 @@ pub fn vacate_oldest(n: usize) -> (usize, usize) {
     let mut oldest = Oldest::<8>::new();
     fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
         let m = s.load();
-        if m.state() == State::Placeholder {
+        if m.state() == State::Placeholder && m.has(flag::SAW_END) {
             // Oldest first: the smallest release time is the greatest key.
             oldest.offer(u64::from(u32::MAX - s.info().0), fd, m);
         }
@@ -682,7 +709,7 @@ pub fn vacate_oldest_many(n: usize) -> usize {
     let mut all: Vec<(u32, RawFd, Meta)> = Vec::new();
     fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
         let m = s.load();
-        if m.state() == State::Placeholder {
+        if m.state() == State::Placeholder && m.has(flag::SAW_END) {
             all.push((s.info().0, fd, m));
         }
     });
@@ -702,7 +729,11 @@ pub fn release_now(rt: &Runtime, budget: usize) -> (usize, usize) {
         return (0, 0);
     }
     let epoch = fdtable::fork_epoch();
-    let dead = |st: u8, m: Meta| st == tcp_state::CLOSE_WAIT || (st == tcp_state::CLOSE && m.has(flag::CONNECTED));
+    // Only sockets whose end the program has read: closing the number of one it may still use
+    // would hand that number to its next open().
+    let dead = |fd: RawFd, st: u8, m: Meta| {
+        (st == tcp_state::CLOSE_WAIT || (st == tcp_state::CLOSE && m.has(flag::CONNECTED))) && program_saw_end(fd)
+    };
     let keep_unread = rt.cfg.close_wait_unread == Unread::Keep;
     let mut checked = 0usize;
     let mut oldest = Oldest::<8>::new();
@@ -714,7 +745,7 @@ pub fn release_now(rt: &Runtime, budget: usize) -> (usize, usize) {
         }
         checked += 1;
         if let Ok(i) = sys::tcp_info(fd) {
-            if dead(i.state, m) && !(keep_unread && unread_bytes(fd) > 0) {
+            if dead(fd, i.state, m) && !(keep_unread && unread_bytes(fd) > 0) {
                 oldest.offer(u64::from(i.last_data_recv_ms), fd, m);
             }
         }
@@ -725,7 +756,7 @@ pub fn release_now(rt: &Runtime, budget: usize) -> (usize, usize) {
         // Inside the release protocol: check again that it is the same dead socket.
         let ok = vacate(fd, m, || {
             state = sys::tcp_info(fd).map_or(0, |i| i.state);
-            dead(state, m) && !(keep_unread && unread_bytes(fd) > 0)
+            dead(fd, state, m) && !(keep_unread && unread_bytes(fd) > 0)
         });
         if ok {
             FOUND.fetch_add(1, Relaxed);

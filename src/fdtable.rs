@@ -97,6 +97,10 @@ pub mod flag {
     pub const APP_ANY: u32 = APP_KEEPALIVE | APP_IDLE | APP_INTVL | APP_CNT | APP_USER_TIMEOUT;
     /// connect() is in progress (EINPROGRESS): the watchdog watches for it to complete.
     pub const CONNECTING: u32 = 1 << 11;
+    /// When keepfix released it, the program had read the socket's end: its EOF, or the error
+    /// of a reset or timed-out connection. Only such placeholders are ever vacated: a program
+    /// that has not seen the end (a pool yet to notice) may still use the number.
+    pub const SAW_END: u32 = 1 << 12;
 }
 
 /// The first word of a slot: state, role, family, flags and generation, packed so that one
