@@ -121,14 +121,15 @@ run scripts/check-glibc.sh --max "$glibc" "$out/keepfix" "$out/libkeepfix.so" ||
     die "the build needs a glibc newer than $glibc (see the symbols above); it would not load on old servers"
 
 step "verify: libkeepfix.so exports only its hooks"
-hooks="accept accept4 close close_range closefrom connect dup dup2 dup3 fcntl fcntl64 listen prlimit prlimit64 pselect select setrlimit setrlimit64 setsockopt socket vfork"
-exported=$(nm -D --defined-only "$out/libkeepfix.so" | awk '{print $3}' | sort | paste -sd ' ' -)
+hooks="__libc_start_main accept accept4 close close_range closefrom connect dup dup2 dup3 fcntl fcntl64 listen prlimit prlimit64 pselect select setrlimit setrlimit64 setsockopt socket vfork"
+hooks=$(tr ' ' '\n' <<<"$hooks" | LC_ALL=C sort | paste -sd ' ' -)
+exported=$(nm -D --defined-only "$out/libkeepfix.so" | awk '{print $3}' | LC_ALL=C sort | paste -sd ' ' -)
 echo "exported: $exported"
 [ "$exported" = "$hooks" ] || die "libkeepfix.so should export exactly: $hooks"
 # Hooks of functions glibc $glibc lacks (close_range, closefrom, fcntl64, ...) are resolved with
 # dlsym(RTLD_NEXT) at run time: the library must not import any of them from libc.
-imported=$(objdump -T "$out/libkeepfix.so" | awk '$4 == "*UND*" || $3 == "*UND*" {print $NF}' | sort)
-clash=$(comm -12 <(tr ' ' '\n' <<<"$hooks") <(echo "$imported") | paste -sd ' ' -)
+imported=$(objdump -T "$out/libkeepfix.so" | awk '$4 == "*UND*" || $3 == "*UND*" {print $NF}' | LC_ALL=C sort)
+clash=$(LC_ALL=C comm -12 <(tr ' ' '\n' <<<"$hooks") <(echo "$imported") | paste -sd ' ' -)
 [ -z "$clash" ] || die "libkeepfix.so imports functions it hooks: $clash"
 echo "imports none of the hooked functions"
 

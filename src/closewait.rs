@@ -106,9 +106,8 @@ pub fn program_closed() -> u64 {
     PROGRAM_CLOSED.load(Relaxed)
 }
 
-/// In a fork child: a release under way in the parent's watchdog will not finish here.
+/// In a fork child: the epoll set and the eventfd are the parent's; the child makes its own.
 pub fn after_fork_child() {
-    fdtable::after_fork_child();
     // The inherited epoll fd is the parent's set: the child makes its own.
     for cell in [&EPOLL, &WAKE] {
         let fd = cell.swap(-1, AcqRel);

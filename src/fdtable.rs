@@ -297,6 +297,8 @@ fn mark_dirty(fd: RawFd) {
 /// non-blocking system calls; after fork a child resets it (see [`after_fork_child`]). The bound
 /// is a last resort against a bug, so that a hook can never hang for ever.
 fn wait_settled(slot: &Slot) -> Meta {
+    // A _Fork() child's copy of a release the parent was doing never ends: repair it first.
+    crate::runtime::check_forked();
     let mut spins = 0u32;
     let start = crate::sys::now_ms();
     loop {

@@ -90,7 +90,7 @@ hooks! {
 
 // --- Sockets ----------------------------------------------------------------------------------
 
-unsafe fn on_socket(rt: &'static Runtime, domain: c_int, ty: c_int, protocol: c_int) -> c_int {
+unsafe fn on_socket(_rt: &'static Runtime, domain: c_int, ty: c_int, protocol: c_int) -> c_int {
     let fd = unsafe { real::socket(domain, ty, protocol) };
     if fd < 0 {
         return fd;
@@ -100,7 +100,6 @@ unsafe fn on_socket(rt: &'static Runtime, domain: c_int, ty: c_int, protocol: c_
         Some(v6) => {
             if let Some(slot) = fdtable::slot_alloc(fd) {
                 slot.track(fd, Role::Socket, v6, 0, sys::now_s());
-                watchdog::ensure_started(rt);
             }
         }
         None => forget(fd),
@@ -314,29 +313,28 @@ fn share(old: c_int) -> Option<Meta> {
 }
 
 /// Records that `new` now refers to the same socket as `old` (whose word was `m`).
-fn copy_entry(rt: &'static Runtime, old: c_int, new: c_int, m: Option<Meta>) {
+fn copy_entry(old: c_int, new: c_int, m: Option<Meta>) {
     match (m, fdtable::slot(old)) {
         (Some(m), Some(os)) => {
             if let Some(ns) = fdtable::slot_alloc(new) {
                 ns.track(new, m.role(), m.v6(), (m.flags() | flag::SHARED) & !flag::WATCHED, os.info().0);
-                watchdog::ensure_started(rt);
             }
         }
         _ => forget(new),
     }
 }
 
-unsafe fn on_dup(rt: &'static Runtime, fd: c_int) -> c_int {
+unsafe fn on_dup(_rt: &'static Runtime, fd: c_int) -> c_int {
     let m = share(fd);
     let r = unsafe { real::dup(fd) };
     if r >= 0 {
-        copy_entry(rt, fd, r, m);
+        copy_entry(fd, r, m);
     }
     r
 }
 
 /// dup2 and dup3: `new` is replaced, so it is claimed first (after any release on it settles).
-fn dup_onto(rt: &'static Runtime, old: c_int, new: c_int, call: &mut dyn FnMut() -> c_int) -> c_int {
+fn dup_onto(old: c_int, new: c_int, call: &mut dyn FnMut() -> c_int) -> c_int {
     if old == new {
         return call();
     }
@@ -364,16 +362,16 @@ fn dup_onto(rt: &'static Runtime, old: c_int, new: c_int, call: &mut dyn FnMut()
         set_errno(e);
         return r;
     }
-    copy_entry(rt, old, new, m);
+    copy_entry(old, new, m);
     r
 }
 
-unsafe fn on_dup2(rt: &'static Runtime, old: c_int, new: c_int) -> c_int {
-    dup_onto(rt, old, new, &mut || unsafe { real::dup2(old, new) })
+unsafe fn on_dup2(_rt: &'static Runtime, old: c_int, new: c_int) -> c_int {
+    dup_onto(old, new, &mut || unsafe { real::dup2(old, new) })
 }
 
-unsafe fn on_dup3(rt: &'static Runtime, old: c_int, new: c_int, flags: c_int) -> c_int {
-    dup_onto(rt, old, new, &mut || unsafe { real::dup3(old, new, flags) })
+unsafe fn on_dup3(_rt: &'static Runtime, old: c_int, new: c_int, flags: c_int) -> c_int {
+    dup_onto(old, new, &mut || unsafe { real::dup3(old, new, flags) })
 }
 
 // fcntl and fcntl64 are variadic in C. The exported hooks take the third argument as a usize,
@@ -397,13 +395,13 @@ unsafe fn call_fcntl(sym: &crate::real::Sym, fd: c_int, cmd: c_int, arg: usize) 
 }
 
 unsafe fn fcntl_hook(sym: &crate::real::Sym, fd: c_int, cmd: c_int, arg: usize) -> c_int {
-    let Some(rt) = crate::runtime::active().filter(|_| cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) else {
+    let Some(_rt) = crate::runtime::active().filter(|_| cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) else {
         return unsafe { call_fcntl(sym, fd, cmd, arg) };
     };
     let m = share(fd);
     let r = unsafe { call_fcntl(sym, fd, cmd, arg) };
     if r >= 0 {
-        copy_entry(rt, fd, r, m);
+        copy_entry(fd, r, m);
     }
     r
 }

@@ -291,8 +291,24 @@ pub fn set_pid(pid: i32) {
 }
 
 /// After fork(), in the child: a parent thread that was writing or draining is gone.
+/// The log's own fd (file or syslog socket), or -1. Read in a forked child, single-threaded.
+pub fn own_fd() -> RawFd {
+    // SAFETY: a plain read of an i32; a torn value is impossible, a stale one harmless.
+    unsafe { core::ptr::addr_of!(SINK.fd).read_volatile() }
+}
+
 pub fn after_fork_child() {
     SINK_BUSY.store(false, Release);
+    // The parent's rate-limit state is the parent's: a child starts with a full bucket and
+    // nothing suppressed, so its first events are logged under its own pid.
+    // SAFETY: a forked child has one thread; SINK_BUSY was just cleared and nothing else runs.
+    unsafe {
+        let sink = &mut *core::ptr::addr_of_mut!(SINK);
+        sink.tokens_milli = BURST * 1000;
+        sink.suppressed = 0;
+        sink.suppressed_since_ms = 0;
+        sink.refill_ms = 0;
+    }
     CONSUMER.store(false, Release);
     // Events the parent recorded are the parent's to log; a half-written record would stall
     // the ring, so start it afresh.

@@ -51,6 +51,11 @@ pub fn saw_fd(fd: c_int) {
     }
 }
 
+/// The reserve fd (an Own /dev/null), or -1.
+pub fn reserve_fd() -> RawFd {
+    RESERVE.load(Acquire)
+}
+
 /// Sets the fd number from which accept() wakes the watchdog (the soft limit may change).
 fn set_poke_at(soft: u64) {
     POKE_AT.store(i32::try_from(soft / 4 * 3).unwrap_or(i32::MAX), Relaxed);
@@ -113,8 +118,11 @@ pub fn accept_failed(
         // A few rounds: while the watchdog releases a batch, the slots this scan picked change
         // under it, and every try fails although there is plenty to free a moment later.
         for _round in 0..4 {
+            // Releases in this thread: a signal handler here must not close one half-way.
+            let blocked = sys::SignalsBlocked::all();
             let (vacated, tried_v) = closewait::vacate_oldest(8);
             let (released, tried_r) = closewait::release_now(rt, 4096);
+            drop(blocked);
             let freed = vacated + released;
             if freed == 0 {
                 if tried_v + tried_r == 0 {

@@ -50,10 +50,35 @@ pub fn close(fd: RawFd) {
     if let Some(s) = fdtable::slot(fd) {
         if s.load().state() == State::Own {
             s.clear_own();
-            // SAFETY: it was ours.
-            unsafe { rustix::io::close(fd) };
+            // Raw: in a forked child a mark can outlive its fd, and rustix's close asserts.
+            sys::close_raw(fd);
         }
     }
+}
+
+/// In a forked child. fork() copies the fd table before memory while the parent's watchdog
+/// runs, so an Own mark may name an fd the child does not have (opened after the copy), or a
+/// /proc or temporary fd of the parent's. Keeps the marks of the fds in `keep` the child has,
+/// closes every other marked fd it has, and clears the other marks: a program's file that takes
+/// such a number later is its own. Async-signal-safe (a _Fork() child runs it from a hook).
+pub fn after_fork_child(keep: &[RawFd]) {
+    fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
+        if s.load().state() != State::Own {
+            return;
+        }
+        let present = sys::fd_exists(fd);
+        if present && keep.contains(&fd) {
+            return;
+        }
+        s.clear_own();
+        if present {
+            sys::close_raw(fd);
+        }
+    });
+    for c in [&PROC_FD, &PROC_STATUS] {
+        c.store(-1, Relaxed);
+    }
+    PROC_PID.store(0, Relaxed);
 }
 
 /// A short-lived fd of keepfix's (a /proc file, a metrics file being written), high and Own
@@ -105,10 +130,13 @@ fn cached(cell: &AtomicI32, open: impl FnOnce() -> Option<RawFd>) -> Option<RawF
     }
 }
 
-/// Opens the long-lived fds the watchdog uses, from the hook that starts it.
+/// Opens the long-lived fds the watchdog uses, from the hook that starts it: an open() takes
+/// the lowest free number for an instant, which on the watchdog's thread could race a program
+/// thread's own open() and hand it the next number instead.
 pub fn prepare() {
     let _ = null();
     let _ = proc_fd_dir();
+    let _ = fd_table_size();
 }
 
 /// The /dev/null placeholders are made from, opened on first use.
@@ -117,6 +145,11 @@ pub fn null() -> Option<RawFd> {
         let f = rustix::fs::open("/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).ok()?;
         install(sys::own(f))
     })
+}
+
+/// The /dev/null fd if it is open, without opening it.
+pub fn null_fd() -> RawFd {
+    NULL.load(Acquire)
 }
 
 /// A new high fd for /dev/null (the reserve), made without ever taking a low number.

@@ -5,7 +5,13 @@
 //! has run, and when KEEPFIX_DISABLE=1, every hook passes straight through.
 //!
 //! fork: the prepare handler advances the fork epoch (sockets seen before may now be shared with a
-//! child); the child handler notes its pid and lets its watchdog start again.
+//! child); the child handler notes its pid, repairs what the copy caught half-way (releases under
+//! way, marks of keepfix's fds), and starts the child's watchdog if the parent's was running.
+//! _Fork() runs no handlers: a page mapped MADV_WIPEONFORK, which the kernel zeroes in every
+//! child, tells the hooks that they run in such a child, and the first to notice does the repairs.
+//!
+//! exec: sockets inherited at exec are adopted by the constructor; their watchdog starts just
+//! before main(), from our `__libc_start_main`, where creating a thread is safe.
 //!
 //! vfork: the child shares our memory but not our fd table, so its hooks must not touch the table.
 //! The vfork hook raises a counter around the real syscall; while it is raised, a hook whose
@@ -13,7 +19,8 @@
 
 use crate::config::{self, Config};
 use crate::{fdtable, hooks, keepalive, log, metrics, nofile, sys, watchdog};
-use core::sync::atomic::{AtomicI32, AtomicU32, Ordering::*};
+use core::ffi::{c_char, c_int, c_void};
+use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, Ordering::*};
 use std::sync::OnceLock;
 
 pub struct Runtime {
@@ -24,6 +31,12 @@ pub struct Runtime {
 }
 
 static RT: OnceLock<Runtime> = OnceLock::new();
+/// A page the kernel zeroes in every child (MADV_WIPEONFORK); its first word is FORK_SEEN in a
+/// process whose fork handlers ran (or that is not a child), FORK_REPAIRING while a hook repairs
+/// a _Fork() child. Null if the kernel lacks MADV_WIPEONFORK (before 4.14).
+static FORK_PAGE: AtomicPtr<AtomicU32> = AtomicPtr::new(core::ptr::null_mut());
+const FORK_SEEN: u32 = 1;
+const FORK_REPAIRING: u32 = 2;
 static PID: AtomicI32 = AtomicI32::new(0);
 /// Threads of this process inside vfork() right now (see the vfork hook).
 static VFORK_DEPTH: AtomicU32 = AtomicU32::new(0);
@@ -65,7 +78,9 @@ pub fn init() {
         return;
     }
     PID.store(sys::getpid(), Relaxed);
+    map_fork_page();
     hooks::resolve_all();
+    MAIN_SYM.resolve();
     // SAFETY: plain function pointers with the C signature.
     unsafe { libc::pthread_atfork(Some(atfork_prepare), None, Some(atfork_child)) };
     if cfg.nofile_raise {
@@ -90,11 +105,129 @@ extern "C" fn atfork_prepare() {
 }
 
 extern "C" fn atfork_child() {
+    if let Some(w) = fork_word() {
+        w.store(FORK_REPAIRING, Release);
+    }
+    repair_child();
+    if let Some(rt) = RT.get() {
+        // fork() itself is no more async-signal-safe than pthread_create(): this is a safe point.
+        watchdog::start_if_wanted(rt);
+    }
+}
+
+/// What a child must fix in the state it copied. Async-signal-safe.
+fn repair_child() {
     let pid = sys::getpid();
     PID.store(pid, Relaxed);
     log::set_pid(pid);
     log::after_fork_child();
     watchdog::after_fork_child();
+    if let Some(w) = fork_word() {
+        w.store(FORK_SEEN, Release);
+    }
+}
+
+fn map_fork_page() {
+    use rustix::mm::{Advice, MapFlags, ProtFlags};
+    // SAFETY: a fresh anonymous mapping, never unmapped.
+    let Ok(p) = (unsafe {
+        rustix::mm::mmap_anonymous(core::ptr::null_mut(), 4096, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)
+    }) else {
+        return;
+    };
+    // SAFETY: the mapping just made.
+    if unsafe { rustix::mm::madvise(p, 4096, Advice::LinuxWipeOnFork) }.is_err() {
+        // SAFETY: ours, unused.
+        let _ = unsafe { rustix::mm::munmap(p, 4096) };
+        return;
+    }
+    let w = p.cast::<AtomicU32>();
+    // SAFETY: page-aligned, zeroed, lives for ever.
+    unsafe { (*w).store(FORK_SEEN, Release) };
+    FORK_PAGE.store(w, Release);
+}
+
+fn fork_word() -> Option<&'static AtomicU32> {
+    // SAFETY: null, or the page mapped by map_fork_page, never unmapped.
+    unsafe { FORK_PAGE.load(Acquire).as_ref() }
+}
+
+/// In a child made without fork handlers (_Fork(), a raw fork or clone syscall), repairs the
+/// copied state first. Two loads when nothing is to do; hooks that start the watchdog or wait
+/// for a release call it.
+#[inline]
+pub fn check_forked() {
+    if let Some(w) = fork_word() {
+        if w.load(Acquire) != FORK_SEEN {
+            repair_unhandled_fork(w);
+        }
+    }
+}
+
+#[cold]
+fn repair_unhandled_fork(w: &AtomicU32) {
+    // FORK_REPAIRING: the repair is under way (and may be this thread's own, further up).
+    if w.compare_exchange(0, FORK_REPAIRING, AcqRel, Acquire).is_ok() {
+        let _errno = sys::ErrnoGuard::save();
+        fdtable::note_fork();
+        repair_child();
+    }
+}
+
+// --- exec: the watchdog of inherited sockets starts before main --------------------------------
+
+type MainFn = unsafe extern "C" fn(c_int, *mut *mut c_char, *mut *mut c_char) -> c_int;
+static MAIN_SYM: crate::real::Sym = crate::real::Sym::new(c"__libc_start_main");
+static PROGRAM_MAIN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The program's main(), called through us: every constructor has run, no signal handler of the
+/// program's is running, and no other thread exists yet, so starting the watchdog here is safe.
+unsafe extern "C" fn main_trampoline(argc: c_int, argv: *mut *mut c_char, envp: *mut *mut c_char) -> c_int {
+    if let Some(rt) = active() {
+        watchdog::start_if_wanted(rt);
+    }
+    let p = PROGRAM_MAIN.load(Acquire);
+    // SAFETY: the main() the C start-up code handed to __libc_start_main.
+    let main: MainFn = unsafe { core::mem::transmute(p) };
+    unsafe { main(argc, argv, envp) }
+}
+
+/// glibc's start-up entry, called by the program's _start. Only main() is wrapped, and only when
+/// sockets were adopted at load; everything is passed on as it came.
+#[cfg(not(test))]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __libc_start_main(
+    main: Option<MainFn>,
+    argc: c_int,
+    argv: *mut *mut c_char,
+    init: *mut c_void,
+    fini: *mut c_void,
+    rtld_fini: *mut c_void,
+    stack_end: *mut c_void,
+) -> c_int {
+    type StartFn = unsafe extern "C" fn(
+        Option<MainFn>,
+        c_int,
+        *mut *mut c_char,
+        *mut c_void,
+        *mut c_void,
+        *mut c_void,
+        *mut c_void,
+    ) -> c_int;
+    let real = MAIN_SYM.get();
+    if real.is_null() {
+        // Cannot happen with glibc; nothing sensible to return to.
+        // SAFETY: ends the process.
+        unsafe { libc::_exit(127) };
+    }
+    let mut main = main;
+    if let Some(m) = main.filter(|_| watchdog::wanted()) {
+        PROGRAM_MAIN.store(m as *mut c_void, Release);
+        main = Some(main_trampoline);
+    }
+    // SAFETY: dlsym found the C library's __libc_start_main.
+    let f: StartFn = unsafe { core::mem::transmute(real) };
+    unsafe { f(main, argc, argv, init, fini, rtld_fini, stack_end) }
 }
 
 /// Called by the vfork hook when the syscall failed in the parent.

@@ -147,6 +147,45 @@ pub fn getsockname_raw(fd: RawFd, buf: &mut [u8]) -> Result<usize, Errno> {
     check(r).map(|_| len as usize)
 }
 
+/// Blocks every signal the C library lets a thread block, until dropped: for the few system
+/// calls of a release done in the program's own thread, which a handler on that thread must not
+/// interrupt (its close() of the number would wait for a release that cannot end before it
+/// returns). glibc's pthread_sigmask is not one of our hooks and leaves errno alone.
+pub struct SignalsBlocked(libc::sigset_t);
+
+impl SignalsBlocked {
+    pub fn all() -> SignalsBlocked {
+        // SAFETY: plain sigset operations on local storage.
+        unsafe {
+            let mut all: libc::sigset_t = core::mem::zeroed();
+            let mut old: libc::sigset_t = core::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            SignalsBlocked(old)
+        }
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by all().
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, core::ptr::null_mut()) };
+    }
+}
+
+/// close(2) as a raw syscall, its result ignored: for keepfix's own fds where EBADF is possible
+/// and harmless (a forked child's inherited marks).
+pub fn close_raw(fd: RawFd) {
+    // SAFETY: plain integers; the caller owns the number.
+    let _ = unsafe { syscall5(libc::SYS_close as usize, [fd as usize, 0, 0, 0, 0]) };
+}
+
+/// Is `fd` open in this process? fcntl(F_GETFD) as a raw syscall.
+pub fn fd_exists(fd: RawFd) -> bool {
+    // SAFETY: plain integers.
+    check(unsafe { syscall5(libc::SYS_fcntl as usize, [fd as usize, libc::F_GETFD as usize, 0, 0, 0]) }).is_ok()
+}
+
 /// close_range(2) as a raw syscall (rustix has none); used for keepfix's own splitting of a
 /// program's close_range around keepfix's fds.
 pub fn close_range_raw(first: u32, last: u32, flags: u32) -> Result<(), Errno> {

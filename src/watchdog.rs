@@ -1,10 +1,14 @@
 //! The watchdog: keepfix's one background thread. It writes what hooks deferred, watches for
 //! CLOSE_WAIT, keeps count of fds against RLIMIT_NOFILE, and writes metrics.
 //!
-//! It starts lazily, at the first TCP socket call (socket, listen, accept, connect) after load,
-//! never in the constructor, and starts again in a forked child at its first such call. Those are
-//! the only hooks that may create it: calls a signal handler, or a child between fork and exec,
-//! typically makes (close, dup2) never do. It blocks every signal the C library lets it block, so
+//! It starts lazily, only in a process that has TCP connections, and never in the constructor
+//! (other libraries' constructors may not have run yet): at the first listen(), accept() or
+//! connect(); just before main() when sockets were inherited at exec (the `__libc_start_main`
+//! hook in runtime.rs); and in a forked child, in fork()'s child handler, if the parent's was
+//! running. pthread_create() is not async-signal-safe, so calls a signal handler typically makes
+//! (close, dup, dup2) never start it: one that interrupted malloc() would re-enter it. A child
+//! made by _Fork() (no fork handlers) starts its watchdog at its own next listen/accept/connect.
+//! It blocks every signal the C library lets it block, so
 //! the program's handlers never run on it, and a SIGPIPE from a log write stays pending here. It
 //! holds nothing a hook waits on, except the few syscalls of a release (see fdtable).
 
@@ -33,16 +37,31 @@ fn clock_ns(id: rustix::time::ClockId) -> u64 {
     (t.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(t.tv_nsec as u64)
 }
 static TID: AtomicI32 = AtomicI32::new(0);
-/// Sockets were adopted at load: the first hook call of any kind may start the watchdog.
+/// Sockets were adopted at load, or the parent's watchdog was running at fork: start it at the
+/// next safe point (before main, or in fork()'s child handler).
 static WANTED: AtomicBool = AtomicBool::new(false);
 
 pub fn want_start() {
     WANTED.store(true, Relaxed);
 }
 
+/// Sockets are waiting for a watchdog to be started at the next safe point.
+pub fn wanted() -> bool {
+    WANTED.load(Relaxed)
+}
+
+/// At a point where creating a thread is safe (not in a signal handler, not inside malloc):
+/// starts the watchdog if sockets are waiting for it.
+pub fn start_if_wanted(rt: &'static Runtime) {
+    if WANTED.swap(false, Relaxed) {
+        ensure_started(rt);
+    }
+}
+
 /// Starts the watchdog if it is not running. One relaxed load when it is.
 #[inline]
 pub fn ensure_started(rt: &'static Runtime) {
+    runtime::check_forked();
     if STATE.load(Relaxed) == IDLE {
         start(rt);
     }
@@ -91,13 +110,18 @@ extern "C" fn thread_main(arg: *mut libc::c_void) -> *mut libc::c_void {
     core::ptr::null_mut()
 }
 
-/// In a forked child: the thread did not come along. The next TCP call starts a new one.
+/// In a forked child: the thread did not come along; fork()'s child handler starts a new one
+/// (start_if_wanted). Async-signal-safe: a _Fork() child runs it from a hook.
 pub fn after_fork_child() {
     TID.store(0, Relaxed);
     if STATE.load(Relaxed) == RUNNING {
         STATE.store(IDLE, Relaxed);
         WANTED.store(true, Relaxed);
     }
+    // Releases the parent had under way first: the rest may touch those slots.
+    crate::fdtable::after_fork_child();
+    let keep = [ownfd::null_fd(), nofile::reserve_fd(), log::own_fd()];
+    ownfd::after_fork_child(&keep);
     closewait::after_fork_child();
 }
 
