@@ -484,3 +484,64 @@ pub fn cpu_ticks(pid: i32) -> u64 {
 pub fn once<T: Send + Sync + 'static>(cell: &'static OnceLock<T>, f: impl FnOnce() -> T) -> &'static T {
     cell.get_or_init(f)
 }
+
+/// A directory of the test's own, removed at the end.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("keepfix-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn str(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// keepfix's metrics file for `pid`, as `name{labels}` → value, without the pid and program
+/// labels (`keepfix_close_wait_actions_total{action="closed"}`, `keepfix_table_bytes`).
+pub fn metrics(dir: &Path, pid: i32) -> Option<HashMap<String, f64>> {
+    let text = std::fs::read_to_string(dir.join(format!("keepfix-{pid}.prom"))).ok()?;
+    let mut m = HashMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((key, value)) = line.rsplit_once(' ') else { continue };
+        let (name, labels) = match key.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (key, ""),
+        };
+        let kept: Vec<&str> = labels
+            .split(',')
+            .filter(|l| !l.is_empty() && !l.starts_with("pid=") && !l.starts_with("program="))
+            .collect();
+        let k = if kept.is_empty() { name.to_string() } else { format!("{name}{{{}}}", kept.join(",")) };
+        if let Ok(v) = value.parse() {
+            m.insert(k, v);
+        }
+    }
+    Some(m)
+}
+
+pub fn metric(m: &HashMap<String, f64>, key: &str) -> f64 {
+    *m.get(key).unwrap_or_else(|| panic!("no {key} in the metrics: {m:?}"))
+}
+
+/// Waits until keepfix's metrics file for `pid` exists and returns it.
+pub fn await_metrics(dir: &Path, pid: i32) -> HashMap<String, f64> {
+    let mut found = None;
+    eventually("keepfix's metrics file", Duration::from_secs(10), || {
+        found = metrics(dir, pid);
+        found.is_some()
+    });
+    found.unwrap()
+}
