@@ -357,6 +357,14 @@ impl Detector {
             self.leaks.remove(&fd);
             return;
         }
+        if cfg.close_wait == CloseWaitMode::Close
+            && now.saturating_sub(leak.first_ms) < cfg.close_wait_after_ms + SAW_END_GRACE_MS
+            && !program_saw_end(fd)
+        {
+            // The program may be about to read its EOF: give it a moment, so that the placeholder
+            // can record that it did (only such placeholders may be vacated later).
+            return;
+        }
         let outcome = match cfg.close_wait {
             CloseWaitMode::Off => return,
             CloseWaitMode::Log => self.observe(fd, m),
@@ -598,6 +606,11 @@ impl Detector {
         }
     }
 }
+
+/// How long close mode waits, past KEEPFIX_CLOSE_WAIT_AFTER, for the program to read the end of
+/// a dead socket before releasing it anyway. A program that reads its EOF does so within
+/// microseconds of the FIN; the watchdog sees the FIN at the same instant.
+const SAW_END_GRACE_MS: u64 = 250;
 
 /// Has the program read the end of this dead socket? In CLOSE_WAIT the peer's FIN stays in the
 /// receive queue (charged to SO_MEMINFO's rmem_alloc) until a read() consumes it; a reset or a

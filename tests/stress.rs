@@ -170,7 +170,7 @@ struct Churn {
 }
 
 /// Runs stress_churn against a plain server that closes every connection at once.
-fn run_churn(preload: bool, mix: &str, seconds: u64, nofile: u64) -> Churn {
+fn run_churn(preload: bool, mix: &str, seconds: u64, nofile: u64, late: u64) -> Churn {
     let dir = TempDir::new("churn");
     let mut server = Run::new("stress_churn").plain().args(["--server", "0"]).spawn();
     let port = server.port();
@@ -178,6 +178,7 @@ fn run_churn(preload: bool, mix: &str, seconds: u64, nofile: u64) -> Churn {
     run = if preload { close_mode_busy(run, "2ms") } else { run.plain() };
     let mut p = run
         .args(["--sock-threads", "4", "--file-threads", "4", "--seconds", &seconds.to_string(), "--mix", mix])
+        .args(["--late", &late.to_string()])
         .args(["--hold", "--dir", dir.str(), "127.0.0.1", &port.to_string()])
         .spawn();
     let mut at = 0;
@@ -193,10 +194,12 @@ fn run_churn(preload: bool, mix: &str, seconds: u64, nofile: u64) -> Churn {
 #[test]
 fn fd_reuse_under_auto_close_prompt_and_late_closes() {
     let _g = serial();
-    // Half the connections closed at EOF, half 16 connections later; none leaked for good, so the
-    // fd table never nears the limit (no vacate): this is the release protocol against the
+    // Half the connections closed at EOF, half 2500 connections later; none leaked for good, so
+    // the fd table never nears the limit (no vacate): this is the release protocol against the
     // program's own closes, with file threads watching for any fd that changes under them.
-    let c = run_churn(true, "5,0", 8, 256);
+    // The late ones stay unread for longer than keepfix waits for a program to read its EOF
+    // (250 ms), so keepfix releases them while the program may close them at any moment.
+    let c = run_churn(true, "5,0", 8, 16384, 2500);
     let m = c.metrics.as_ref().unwrap();
     let closed = metric(m, "keepfix_close_wait_actions_total{action=\"closed\"}");
     assert!(closed >= 2000.0, "keepfix released only {closed} sockets: {}", c.stats);
@@ -209,12 +212,12 @@ fn fd_reuse_under_auto_close_prompt_and_late_closes() {
 fn fd_reuse_under_auto_close_with_leaks_and_vacating() {
     let _g = serial();
     // Without keepfix, the leak (3 connections in 10 never closed) exhausts 256 fds at once.
-    let plain = run_churn(false, "5,3", 2, 256);
+    let plain = run_churn(false, "5,3", 2, 256, 16);
     assert!(num(&plain.stats, "emfile") > 0, "the leak should exhaust the fds without keepfix: {}", plain.stats);
     // With keepfix, in close mode, at once, the watchdog waking every 2 ms: it releases the leaked
     // sockets and, the table being small, really closes old placeholders (vacate) of the leaked
     // ones (whose EOF the program read), never of the late ones it will still close.
-    let c = run_churn(true, "5,3", 12, 256);
+    let c = run_churn(true, "5,3", 12, 256, 16);
     let m = c.metrics.as_ref().unwrap();
     let closed = metric(m, "keepfix_close_wait_actions_total{action=\"closed\"}");
     let vacated = metric(m, "keepfix_close_wait_actions_total{action=\"vacated\"}");
