@@ -333,3 +333,29 @@ fn many_leaks_are_summarised_not_flooded() {
     assert!(per_socket < 80, "{per_socket} per-socket lines for 150 leaks");
     assert!(in_close_wait(p.pid()) == 150);
 }
+
+#[test]
+fn an_inherited_connection_is_watched_from_before_main() {
+    // inetd style, and a program that makes no socket call at all (sleep): its connection on
+    // fds 0 and 1 is adopted at load, and the watchdog starts just before main() (keepfix wraps
+    // main through __libc_start_main). When the peer closes, both numbers are released.
+    let inetd = c_program("inetd_launch");
+    let mut p = Run::path(inetd)
+        .plain()
+        .args(["-e".to_string(), format!("LD_PRELOAD={}", lib().display())])
+        .args(["-e", "KEEPFIX_CLOSE_WAIT=close", "-e", "KEEPFIX_CLOSE_WAIT_AFTER=0s"])
+        .args(["-e", "KEEPFIX_SCAN_INTERVAL=100ms", "0", "--", "/bin/sleep", "20"])
+        .spawn();
+    let port = p.port();
+    let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let pid = p.pid();
+    eventually("sleep exec'd", Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+    });
+    drop(c);
+    let target = |fd: i32| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok();
+    eventually("fds 0 and 1 released", Duration::from_secs(5), || {
+        [0, 1].iter().all(|&fd| target(fd).is_some_and(|t| t == std::path::Path::new("/dev/null")))
+    });
+    assert_eq!(p.log_lines("action=closed").len(), 2, "{}", p.stderr());
+}
