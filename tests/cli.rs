@@ -317,3 +317,31 @@ fn demo_runs_both_servers_and_cleans_up() {
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "the demo left files in {}", tmp.display());
     std::fs::remove_dir(&tmp).unwrap();
 }
+
+#[test]
+fn status_finds_the_metrics_file_of_a_process_in_a_pid_namespace() {
+    // In a container the program names its metrics file with its own pid (1 here), not the
+    // host's; status finds it through the process's NSpid and /proc/PID/root.
+    let dir = TempDir::new("cli-pidns");
+    let echo = c_program("echo_server");
+    let mut p = Run::path(PathBuf::from("unshare"))
+        .env("KEEPFIX_METRICS", dir.str())
+        .args(["--pid", "--fork", "--kill-child", &echo.display().to_string(), "0"])
+        .spawn();
+    p.port();
+    let unshare = p.pid();
+    let mut inner = 0;
+    eventually("the server in its pid namespace", Duration::from_secs(5), || {
+        inner = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        inner > 0 && dir.path().join("keepfix-1.prom").exists()
+    });
+    let s = status_json(&[&inner.to_string()], inner);
+    assert_eq!(s["program"], "echo_server");
+    assert_eq!(s["keepfix_loaded"], true);
+    let k = &s["keepfix_metrics"];
+    assert_eq!(k["file"], format!("/proc/{inner}/root{}/keepfix-1.prom", dir.str()), "{s}");
+    assert_eq!(k["close_wait_found"], 0, "{s}");
+}

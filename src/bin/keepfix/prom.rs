@@ -33,7 +33,16 @@ pub fn metrics_file(pid: u32, keepfix_env: &[(String, String)]) -> Option<PathBu
     let (cfg, _) = config::parse(get, keepfix_env.iter().map(|(k, _)| k.as_str()), false);
     let dir = cfg.metrics_dir?;
     let dir = dir.to_string_lossy();
-    Some(PathBuf::from(format!("{}/keepfix-{pid}.prom", dir.trim_end_matches('/'))))
+    // The process names its file with its own pid and path: in a container (PID and mount
+    // namespaces) those are the namespace's, reached through /proc/PID/root.
+    let own_pid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("NSpid:")).and_then(|l| l.split_whitespace().last()?.parse().ok())
+        })
+        .unwrap_or(pid);
+    let file = format!("{}/keepfix-{own_pid}.prom", dir.trim_end_matches('/'));
+    Some(PathBuf::from(if own_pid == pid { file } else { format!("/proc/{pid}/root{file}") }))
 }
 
 /// The figures in `path`, or `None` if it is missing or not keepfix's.
