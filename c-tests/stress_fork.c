@@ -8,8 +8,8 @@
  * watchdog is in the middle of releasing sockets.
  *
  * CHURN threads: socket(), connect() to our listener, accept() (any pending connection), a dup()
- * closed at once, close() the client side: the server side falls into CLOSE_WAIT and is closed
- * LATE (32) connections later (every close must return 0).
+ * closed at once, close() the client side: the server side falls into CLOSE_WAIT, its EOF is read
+ * and it is closed LATE (32) connections later (every close must return 0).
  * The main thread, until SECONDS are up, cycles through:
  *   closeall  fork(); the child closes every fd from 3 below keepfix's own numbers, the way a
  *             daemon does, timing each close: one slower than 1 s (a hook waiting for a release
@@ -111,6 +111,14 @@ static void *churn(void *arg)
             fail("churn_dup_close", d, errno);
         if ((r = close(c)) != 0)
             fail("churn_close_client", r, errno);
+        /* Read the EOF (keepfix releases a socket whose end the program has read at once), and
+         * close it late. */
+        char b;
+        ssize_t n;
+        while ((n = read(a, &b, 1)) < 0 && errno == EINTR)
+            ;
+        if (n != 0)
+            fail("churn_read_eof", (long)n, errno);
         int k = (int)(i % 32);
         if (ring[k] >= 0 && (r = close(ring[k])) != 0)
             fail("churn_close_late", r, errno);
