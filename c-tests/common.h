@@ -208,6 +208,23 @@ static UNUSED int listen_on(int family, int port, int type_flags, int protocol)
 }
 
 /* Prints "READY port=P" with the port the kernel really gave us. */
+/* A connection to ourselves over IPv4 loopback: a listener, the client side and the accepted
+ * side.  Dies on failure. */
+static UNUSED void loopback_pair(int *lfd, int *client, int *server)
+{
+    *lfd = listen_on(AF_INET, 0, 0, 0);
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    if (getsockname(*lfd, (struct sockaddr *)&ss, &len) < 0)
+        die("getsockname:");
+    *client = socket(AF_INET, SOCK_STREAM, 0);
+    if (*client < 0 || connect(*client, (struct sockaddr *)&ss, len) < 0)
+        die("connect:");
+    *server = accept(*lfd, NULL, NULL);
+    if (*server < 0)
+        die("accept:");
+}
+
 static UNUSED void print_ready(int lfd)
 {
     printf("READY port=%d\n", local_port(lfd));

@@ -52,17 +52,8 @@ static int child(int sock, int use_dup2)
 /* A connection of our own: keepfix's watchdog starts (again, in a forked process). */
 static int make_conn(void)
 {
-    int lfd = listen_on(AF_INET, 0, 0, 0);
-    struct sockaddr_storage ss;
-    socklen_t len = sizeof ss;
-    if (getsockname(lfd, (struct sockaddr *)&ss, &len) < 0)
-        die("getsockname:");
-    int cl = socket(AF_INET, SOCK_STREAM, 0);
-    if (cl < 0 || connect(cl, (struct sockaddr *)&ss, len) < 0)
-        die("connect:");
-    int a = accept(lfd, NULL, NULL);
-    if (a < 0)
-        die("accept:");
+    int lfd, cl, a;
+    loopback_pair(&lfd, &cl, &a);
     return a;
 }
 

@@ -160,17 +160,8 @@ int main(int argc, char **argv)
         die("bad --mode: '%s'", mode);
 
     /* A TCP connection: this process's TCP calls start keepfix's watchdog here. */
-    int lfd = listen_on(AF_INET, 0, 0, 0);
-    struct sockaddr_storage ss;
-    socklen_t len = sizeof ss;
-    if (getsockname(lfd, (struct sockaddr *)&ss, &len) < 0)
-        die("getsockname:");
-    int cl = socket(AF_INET, SOCK_STREAM, 0);
-    if (cl < 0 || connect(cl, (struct sockaddr *)&ss, len) < 0)
-        die("connect:");
-    int a = accept(lfd, NULL, NULL);
-    if (a < 0)
-        die("accept:");
+    int lfd, cl, a;
+    loopback_pair(&lfd, &cl, &a);
     /* For --mode exec: the connection goes to fd 3 of the exec'd child, inherited. */
     printf("READY\n");
 

@@ -55,17 +55,8 @@ int main(int argc, char **argv)
     proto_init();
     if (argc != 2)
         die("usage: stress_vacate_reuse DIR");
-    int lfd = listen_on(AF_INET, 0, 0, 0);
-    struct sockaddr_storage ss;
-    socklen_t len = sizeof ss;
-    if (getsockname(lfd, (struct sockaddr *)&ss, &len) < 0)
-        die("getsockname:");
-    int c = socket(AF_INET, SOCK_STREAM, 0);
-    if (c < 0 || connect(c, (struct sockaddr *)&ss, len) < 0)
-        die("connect:");
-    int a = accept(lfd, NULL, NULL);
-    if (a < 0)
-        die("accept:");
+    int lfd, c, a;
+    loopback_pair(&lfd, &c, &a);
     close(c);
     /* Something else of the program's takes the client's number, so that the next free number
      * after `a` is vacated is `a` itself. */
