@@ -194,15 +194,15 @@ fn run_churn(preload: bool, mix: &str, seconds: u64, nofile: u64, late: u64) -> 
 #[test]
 fn fd_reuse_under_auto_close_prompt_and_late_closes() {
     let _g = serial();
-    // Half the connections closed at EOF, half 2500 connections later; none leaked for good, so
+    // Half the connections closed at EOF, half 4000 connections (of their thread) later; none leaked for good, so
     // the fd table never nears the limit (no vacate): this is the release protocol against the
     // program's own closes, with file threads watching for any fd that changes under them.
     // The late ones stay unread for longer than keepfix waits for a program to read its EOF
     // (250 ms), so keepfix releases them while the program may close them at any moment.
-    let c = run_churn(true, "5,0", 8, 16384, 2500);
+    let c = run_churn(true, "5,0", 8, 19000, 4000);
     let m = c.metrics.as_ref().unwrap();
     let closed = metric(m, "keepfix_close_wait_actions_total{action=\"closed\"}");
-    assert!(closed >= 2000.0, "keepfix released only {closed} sockets: {}", c.stats);
+    assert!(closed >= 1000.0, "keepfix released only {closed} sockets: {}", c.stats);
     assert!(metric(m, "keepfix_released_closed_by_program_total") >= 1000.0, "{}", c.stats);
     assert!(num(&c.stats, "file_rounds") >= 2000, "{}", c.stats);
     assert_eq!(num(&c.stats, "failures"), 0, "{}: {:#?}", c.stats, c.failures);
