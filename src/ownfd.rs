@@ -50,8 +50,8 @@ pub fn close(fd: RawFd) {
     if let Some(s) = fdtable::slot(fd) {
         if s.load().state() == State::Own {
             s.clear_own();
-            // SAFETY: it was ours.
-            unsafe { rustix::io::close(fd) };
+            // Ours; EBADF in a forked child whose fork raced the open (see sys::close_raw).
+            let _ = sys::close_raw(fd);
         }
     }
 }
@@ -81,11 +81,12 @@ impl Drop for Temp {
             Some(s) if s.load().state() != State::Own => {}
             Some(s) => {
                 s.clear_own();
-                // SAFETY: ours.
-                unsafe { rustix::io::close(self.0) };
+                let _ = sys::close_raw(self.0);
             }
-            // SAFETY: ours (the table had no room to mark it).
-            None => unsafe { rustix::io::close(self.0) },
+            // Ours (the table had no room to mark it).
+            None => {
+                let _ = sys::close_raw(self.0);
+            }
         }
     }
 }

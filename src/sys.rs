@@ -121,6 +121,15 @@ fn check(ret: isize) -> Result<usize, Errno> {
     if (-4095..0).contains(&ret) { Err(Errno::from_raw_os_error(-ret as i32)) } else { Ok(ret as usize) }
 }
 
+/// close() by raw syscall, the error returned. rustix's close() asserts success in debug builds,
+/// and a number keepfix recorded as its own may not be open: fork copies the fd table before the
+/// memory, so a keepfix fd that another thread opened during the fork is recorded in the child's
+/// memory but absent from its fd table.
+pub fn close_raw(fd: RawFd) -> Result<(), Errno> {
+    // SAFETY: closing a number the caller owns (or that is not open: EBADF).
+    check(unsafe { syscall5(libc::SYS_close as usize, [fd as u32 as usize, 0, 0, 0, 0]) }).map(|_| ())
+}
+
 /// getsockopt into `buf`, returning the length the kernel wrote.
 pub fn getsockopt_raw(fd: RawFd, level: c_int, name: c_int, buf: &mut [u8]) -> Result<usize, Errno> {
     let mut len = buf.len() as libc::socklen_t;
