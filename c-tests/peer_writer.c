@@ -51,16 +51,7 @@ int main(int argc, char **argv)
     if (optind + 1 != argc)
         die(USAGE);
 
-    struct sockaddr_storage ss;
-    socklen_t len = make_addr(AF_INET, bind_addr, parse_port(argv[optind]), &ss);
-    int lfd = socket(AF_INET, SOCK_STREAM, 0);
-    if (lfd < 0)
-        die("socket:");
-    int one = 1;
-    if (setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0)
-        die("setsockopt SO_REUSEADDR:");
-    if (bind(lfd, (struct sockaddr *)&ss, len) < 0)
-        die("bind %s:", bind_addr);
+    int lfd = bind_host_on(AF_INET, bind_addr, parse_port(argv[optind]), 0, 0);
     if (listen(lfd, 128) < 0)
         die("listen:");
     print_ready(lfd);

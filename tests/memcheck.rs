@@ -32,12 +32,12 @@ struct Memcheck {
     report: PathBuf,
 }
 
-fn memcheck(vg: &PathBuf, prog: &str, args: &[&str], env: &[(&str, &str)]) -> Memcheck {
+fn memcheck(vg: &Path, prog: &str, args: &[&str], env: &[(&str, &str)]) -> Memcheck {
     let report = std::env::temp_dir().join(format!("keepfix-memcheck-{prog}-{}.txt", std::process::id()));
     let _ = std::fs::remove_file(&report);
     // %p: one report per process (prefork's workers are forks; valgrind follows them).
     let log_file = report.display().to_string().replace(".txt", "-%p.txt");
-    let mut r = Run::path(vg.clone())
+    let mut r = Run::path(vg.to_path_buf())
         .args([
             "--tool=memcheck",
             "--leak-check=full",

@@ -150,11 +150,23 @@ struct Nginx {
     _dir: TempDir,
 }
 
+/// The master is the test's child; its workers would outlive a SIGKILL of it: kill them first.
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        for w in children(self.p.pid()) {
+            // SAFETY: signalling a worker of our own nginx.
+            unsafe { libc::kill(w, libc::SIGKILL) };
+        }
+    }
+}
+
 struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(what: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("keepfix-rw-{what}-{}", std::process::id()));
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!("keepfix-rw-{what}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         TempDir(d)
@@ -217,6 +229,24 @@ fn worker_of(n: &Nginx) -> i32 {
     w[0]
 }
 
+/// nginx's master forks its worker just as keepfix's thread opens its /proc files. fork copies
+/// the fd table before the memory, so the worker could believe it owned an fd it did not have,
+/// and closing it aborted the worker (rustix asserts close() succeeds in debug builds): 3 runs in
+/// 4 before the fix in ownfd (sys::close_raw).
+#[test]
+fn nginx_workers_survive_a_fork_racing_keepfix() {
+    let bin = need!("nginx");
+    for round in 0..4 {
+        let n = nginx(&bin, true, free_port());
+        let w = worker_of(&n);
+        let got = std::panic::catch_unwind(|| http_get(n.port, "/").1).unwrap_or_else(|_| "no answer".into());
+        assert!(got.starts_with("HTTP/1.1 200"), "round {round}: {got}\n{}", n.p.stderr());
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(children(n.p.pid()), vec![w], "round {round}: the worker died:\n{}", n.p.stderr());
+        assert!(!n.p.stderr().contains("exited on signal"), "round {round}:\n{}", n.p.stderr());
+    }
+}
+
 #[test]
 fn nginx_keepalive_load_and_a_close_wait_leak() {
     let bin = need!("nginx");
@@ -238,7 +268,15 @@ fn nginx_keepalive_load_and_a_close_wait_leak() {
     assert_eq!(keepalive_of(n.p.pid(), listener_of(n.p.pid(), n.port).fd), ka(1, 1, 2), "listener");
     let (c, resp) = http_get(n.port, "/");
     assert!(resp.starts_with("HTTP/1.1 200") && resp.ends_with("ok\n"), "{resp}");
-    let acc = fd_for_peer(worker, c.local_addr().unwrap().port()).expect("worker's accepted socket");
+    let cport = c.local_addr().unwrap().port();
+    let acc = fd_for_peer(worker, cport).unwrap_or_else(|| {
+        panic!(
+            "no socket of worker {worker} (children {:?}) has peer port {cport}: {:?}\nstderr:\n{}",
+            children(n.p.pid()),
+            tcp_fds(worker),
+            n.p.stderr()
+        )
+    });
     assert_eq!(keepalive_of(worker, acc.fd), ka(1, 1, 2), "accepted connection in the worker");
     drop(c);
 
