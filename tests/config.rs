@@ -24,6 +24,9 @@ fn stderr_of(var: &str, value: &str) -> String {
     let mut p = Run::new("echo_server").env(var, value).args(["0"]).spawn();
     let port = p.port();
     let _c = ping(port);
+    // The line was written before READY, but stderr is read by another thread than stdout: wait
+    // for it rather than race it.
+    p.wait_log(&[&format!("config {var}")], Duration::from_secs(5));
     let err = p.stderr();
     drop(p);
     err

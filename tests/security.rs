@@ -57,6 +57,20 @@ fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// Removes the set-user-ID copies left by an earlier run that was killed (its PID is gone).
+fn remove_stale(libdir: &Path) {
+    let tmp = std::env::temp_dir();
+    for (dir, prefix, suffix) in [(libdir, "libkeepfix-sectest-", ".so"), (tmp.as_path(), "keepfix-sectest-", "")] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix(prefix).and_then(|r| r.strip_suffix(suffix)) else { continue };
+            if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(e.path()).or_else(|_| std::fs::remove_dir_all(e.path()));
+            }
+        }
+    }
+}
+
 const DAEMON: u32 = 1;
 
 #[test]
@@ -70,6 +84,7 @@ fn secure_execution_never_writes_to_a_path_from_the_environment() {
         eprintln!("SKIPPED: no trusted library directory found");
         return;
     };
+    remove_stale(libdir);
     let id = std::process::id();
     let mut installed = Installed(vec![]);
     let dir = std::env::temp_dir().join(format!("keepfix-sectest-{id}"));
