@@ -181,12 +181,12 @@ static UNUSED socklen_t make_addr(int family, const char *host, int port,
 
 /*
  * socket(family, SOCK_STREAM|type_flags, protocol) + SO_REUSEADDR + bind to
- * the loopback address (127.0.0.1 or ::1) on port.  Not listening yet.
+ * host (a numeric address) on port.  Not listening yet.
  */
-static UNUSED int bind_on(int family, int port, int type_flags, int protocol)
+static UNUSED int bind_host_on(int family, const char *host, int port, int type_flags, int protocol)
 {
     struct sockaddr_storage ss;
-    socklen_t len = make_addr(family, family == AF_INET6 ? "::1" : "127.0.0.1", port, &ss);
+    socklen_t len = make_addr(family, host, port, &ss);
     int fd = socket(family, SOCK_STREAM | type_flags, protocol);
     if (fd < 0)
         die("socket:");
@@ -196,6 +196,12 @@ static UNUSED int bind_on(int family, int port, int type_flags, int protocol)
     if (bind(fd, (struct sockaddr *)&ss, len) < 0)
         die("bind port %d:", port);
     return fd;
+}
+
+/* bind_host_on() on loopback (127.0.0.1 or ::1). */
+static UNUSED int bind_on(int family, int port, int type_flags, int protocol)
+{
+    return bind_host_on(family, family == AF_INET6 ? "::1" : "127.0.0.1", port, type_flags, protocol);
 }
 
 /* bind_on() + listen(fd, 128). */

@@ -197,7 +197,13 @@ pub struct Diagnostic {
 
 impl std::fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "config {}", self.var)?;
+        // A name comes from the environment too (an unknown KEEPFIX_* one): anything but a plain
+        // name is quoted, so a newline or an escape sequence in it cannot forge or recolour a line.
+        if self.var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            write!(f, "config {}", self.var)?;
+        } else {
+            write!(f, "config {}", quote(&self.var))?;
+        }
         if let Some(v) = &self.value {
             write!(f, "={}", quote(v))?;
         }
@@ -483,7 +489,8 @@ fn show_bool(b: bool) -> String {
     if b { "1".into() } else { "0".into() }
 }
 
-/// A value as a quoted string with control characters escaped, cut to a sane length.
+/// A value as a quoted string with control characters and non-ASCII escaped (`\u{1b}`), cut to a
+/// sane length: printable ASCII only, so no terminal escape, bidi override or newline gets through.
 pub fn quote(v: &str) -> String {
     let mut out = String::from("\"");
     for (i, ch) in v.chars().enumerate() {
@@ -491,7 +498,11 @@ pub fn quote(v: &str) -> String {
             out.push_str("...");
             break;
         }
-        out.extend(ch.escape_debug());
+        if ch.is_ascii() {
+            out.extend(ch.escape_debug());
+        } else {
+            out.extend(ch.escape_unicode());
+        }
     }
     out.push('"');
     out
@@ -660,5 +671,16 @@ mod tests {
         assert!(!d[0].contains('\u{1b}'));
         assert!(d[0].contains("\\u{1b}") && d[0].contains("..."));
         assert!(d[0].len() < 200);
+    }
+
+    #[test]
+    fn hostile_names_and_non_ascii_stay_one_printable_line() {
+        let (_, d) = run(&[("KEEPFIX_\nkeepfix[1]: forged \u{1b}[2J", "1"), ("KEEPFIX_CNT", "\u{202e}9")]);
+        assert_eq!(d.len(), 2, "{d:?}");
+        for l in &d {
+            assert!(l.bytes().all(|b| (0x20..0x7f).contains(&b)), "{l:?}");
+        }
+        assert!(d.iter().any(|l| l.starts_with("config \"KEEPFIX_\\nkeepfix[1]: forged \\u{1b}[2J\" is not")), "{d:?}");
+        assert!(d.iter().any(|l| l.contains("KEEPFIX_CNT=\"\\u{202e}9\"")), "{d:?}");
     }
 }

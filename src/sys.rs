@@ -121,6 +121,15 @@ fn check(ret: isize) -> Result<usize, Errno> {
     if (-4095..0).contains(&ret) { Err(Errno::from_raw_os_error(-ret as i32)) } else { Ok(ret as usize) }
 }
 
+/// close() by raw syscall, the error returned. rustix's close() asserts success in debug builds,
+/// and a number keepfix recorded as its own may not be open: fork copies the fd table before the
+/// memory, so a keepfix fd that another thread opened during the fork is recorded in the child's
+/// memory but absent from its fd table.
+pub fn close_raw(fd: RawFd) -> Result<(), Errno> {
+    // SAFETY: closing a number the caller owns (or that is not open: EBADF).
+    check(unsafe { syscall5(libc::SYS_close as usize, [fd as u32 as usize, 0, 0, 0, 0]) }).map(|_| ())
+}
+
 /// getsockopt into `buf`, returning the length the kernel wrote.
 pub fn getsockopt_raw(fd: RawFd, level: c_int, name: c_int, buf: &mut [u8]) -> Result<usize, Errno> {
     let mut len = buf.len() as libc::socklen_t;
@@ -171,13 +180,6 @@ impl Drop for SignalsBlocked {
         // SAFETY: restores the mask saved by all().
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, core::ptr::null_mut()) };
     }
-}
-
-/// close(2) as a raw syscall, its result ignored: for keepfix's own fds where EBADF is possible
-/// and harmless (a forked child's inherited marks).
-pub fn close_raw(fd: RawFd) {
-    // SAFETY: plain integers; the caller owns the number.
-    let _ = unsafe { syscall5(libc::SYS_close as usize, [fd as usize, 0, 0, 0, 0]) };
 }
 
 /// Is `fd` open in this process? fcntl(F_GETFD) as a raw syscall.
@@ -245,20 +247,47 @@ pub fn tcp_info(fd: RawFd) -> Result<TcpInfo, Errno> {
     Ok(TcpInfo { state: b[0], last_data_recv_ms: if n >= 56 { last } else { 0 } })
 }
 
+/// clock_gettime through the vDSO, or a raw syscall when the process has no usable vDSO.
+///
+/// rustix finds the vDSO in the auxv the kernel saved at exec (PR_GET_AUXV, /proc/self/auxv), which
+/// is not always the process's own: under valgrind the program's auxv says there is no vDSO, and
+/// rustix's check of the kernel's address reads unmapped memory (SIGSEGV at the first clock call).
+/// libc's getauxval reads the program's own auxv; when it names no vDSO, rustix is never asked.
+pub fn clock_gettime(id: rustix::time::ClockId) -> rustix::time::Timespec {
+    use core::sync::atomic::{AtomicU8, Ordering::Relaxed};
+    // 0: not known yet; 1: the vDSO is there; 2: it is not.
+    static VDSO: AtomicU8 = AtomicU8::new(0);
+    let mut v = VDSO.load(Relaxed);
+    if v == 0 {
+        // getauxval sets errno (ENOENT) when the entry is missing: the caller's errno stays.
+        let _g = ErrnoGuard::save();
+        // SAFETY: getauxval reads the process's auxv; it is async-signal-safe.
+        v = if unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } != 0 { 1 } else { 2 };
+        VDSO.store(v, Relaxed);
+    }
+    if v == 1 {
+        return rustix::time::clock_gettime(id);
+    }
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a timespec buffer we own.
+    unsafe { syscall5(libc::SYS_clock_gettime as usize, [id as usize, (&raw mut ts) as usize, 0, 0, 0]) };
+    rustix::time::Timespec { tv_sec: ts.tv_sec, tv_nsec: ts.tv_nsec }
+}
+
 /// Coarse monotonic time in milliseconds (vDSO, no syscall).
 pub fn now_ms() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    let t = clock_gettime(rustix::time::ClockId::MonotonicCoarse);
     (t.tv_sec as u64).wrapping_mul(1000).wrapping_add((t.tv_nsec / 1_000_000) as u64)
 }
 
 /// Coarse monotonic time in whole seconds, as the fd table stores it.
 pub fn now_s() -> u32 {
-    rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse).tv_sec as u32
+    clock_gettime(rustix::time::ClockId::MonotonicCoarse).tv_sec as u32
 }
 
 /// Wall-clock time: seconds and milliseconds since the epoch (for file log timestamps).
 pub fn wall_time() -> (i64, u32) {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+    let t = clock_gettime(rustix::time::ClockId::Realtime);
     (t.tv_sec, (t.tv_nsec / 1_000_000) as u32)
 }
 

@@ -33,7 +33,7 @@ pub fn tick_stats() -> (u64, u64, u64, u64) {
 }
 
 fn clock_ns(id: rustix::time::ClockId) -> u64 {
-    let t = rustix::time::clock_gettime(id);
+    let t = sys::clock_gettime(id);
     (t.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(t.tv_nsec as u64)
 }
 static TID: AtomicI32 = AtomicI32::new(0);

@@ -24,11 +24,9 @@ fn stderr_of(var: &str, value: &str) -> String {
     let mut p = Run::new("echo_server").env(var, value).args(["0"]).spawn();
     let port = p.port();
     let _c = ping(port);
-    // stderr is read by another thread: wait for the line (the test then says if it is wrong).
-    let t0 = std::time::Instant::now();
-    while !p.stderr().contains(&format!("config {var}=")) && t0.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The line was written before READY, but stderr is read by another thread than stdout: wait
+    // for it rather than race it.
+    p.wait_log(&[&format!("config {var}")], Duration::from_secs(5));
     let err = p.stderr();
     drop(p);
     err
