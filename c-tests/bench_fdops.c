@@ -1,0 +1,105 @@
+/*
+ * bench_fdops - tight loops of the calls a preload library sits on, timed.
+ *
+ * Models: the hot paths of any program: fd calls on non-socket fds, and
+ * making TCP sockets.  Each mode runs N iterations (after N/10 warm-up ones)
+ * and reports the mean wall time (CLOCK_MONOTONIC) and CPU time of the
+ * process (CLOCK_PROCESS_CPUTIME_ID, all threads) per iteration:
+ *   dupclose      dup(pipe) + close()              (2 hooked calls)
+ *   dupclose_tcp  the same in a process that also holds a TCP listener (as a
+ *                 server does: a preload library then has sockets to track)
+ *   pipe_rw       write(pipe, 1 byte) + read(pipe)  (calls keepfix does not hook)
+ *   socket_close  socket(AF_INET, SOCK_STREAM) + close(), never connected
+ *   connect       socket() + connect(HOST:PORT) + close(), blocking connect
+ *                 (HOST numeric IPv4; a peer such as bench_server --sink)
+ *
+ * Usage: bench_fdops MODE N [HOST PORT]
+ * stdout: RESULT mode=M n=N ns_per_iter=X cpu_ns_per_iter=C failed=F
+ * exit:   0, or 1 if a call failed
+ */
+#define _GNU_SOURCE
+#include "common.h"
+
+#define USAGE "usage: bench_fdops dupclose|dupclose_tcp|pipe_rw|socket_close|connect N [HOST PORT]"
+
+static int pfd[2];
+static struct sockaddr_storage addr;
+static socklen_t addrlen;
+static long failed;
+
+static void iter_dupclose(void)
+{
+    int fd = dup(pfd[0]);
+    if (fd < 0 || close(fd) < 0)
+        failed++;
+}
+
+static void iter_pipe_rw(void)
+{
+    char c = 'x';
+    if (write(pfd[1], &c, 1) != 1 || read(pfd[0], &c, 1) != 1)
+        failed++;
+}
+
+static void iter_socket_close(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0 || close(fd) < 0)
+        failed++;
+}
+
+static void iter_connect(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) {
+        failed++;
+        return;
+    }
+    if (connect(fd, (struct sockaddr *)&addr, addrlen) < 0)
+        failed++;
+    close(fd);
+}
+
+static long long now_ns(clockid_t clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+int main(int argc, char **argv)
+{
+    proto_init();
+    if (argc != 3 && argc != 5)
+        die(USAGE);
+    const char *mode = argv[1];
+    long n = parse_long(argv[2], "N");
+    void (*iter)(void);
+    if (strcmp(mode, "dupclose") == 0)
+        iter = iter_dupclose;
+    else if (strcmp(mode, "dupclose_tcp") == 0) {
+        iter = iter_dupclose;
+        listen_on(AF_INET, 0, 0, 0);
+    }
+    else if (strcmp(mode, "pipe_rw") == 0)
+        iter = iter_pipe_rw;
+    else if (strcmp(mode, "socket_close") == 0)
+        iter = iter_socket_close;
+    else if (strcmp(mode, "connect") == 0 && argc == 5) {
+        iter = iter_connect;
+        addrlen = make_addr(AF_INET, argv[3], parse_port(argv[4]), &addr);
+    } else
+        die(USAGE);
+    if (n < 1 || pipe(pfd) < 0)
+        die(USAGE);
+    for (long i = 0; i < n / 10; i++)
+        iter();
+    failed = 0;
+    long long t0 = now_ns(CLOCK_MONOTONIC), c0 = now_ns(CLOCK_PROCESS_CPUTIME_ID);
+    for (long i = 0; i < n; i++)
+        iter();
+    long long t1 = now_ns(CLOCK_MONOTONIC), c1 = now_ns(CLOCK_PROCESS_CPUTIME_ID);
+    printf("RESULT mode=%s n=%ld ns_per_iter=%.1f cpu_ns_per_iter=%.1f failed=%ld\n", mode, n,
+           (double)(t1 - t0) / (double)n, (double)(c1 - c0) / (double)n, failed);
+    return failed ? 1 : 0;
+}
