@@ -153,17 +153,7 @@ fn spawn(prog: &Path, args: &[String], v: &Variant, nofile: Option<u64>) -> Proc
     c.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
     v.apply(&mut c);
     if let Some(n) = nofile {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: setrlimit is async-signal-safe.
-        unsafe {
-            c.pre_exec(move || {
-                let l = libc::rlimit { rlim_cur: n, rlim_max: n };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        common::set_nofile(&mut c, n);
     }
     let mut child = c.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", prog.display()));
     let out = child.stdout.take().expect("stdout");
@@ -245,6 +235,8 @@ struct Ctx {
     libka: Option<Variant>,
     prog: BTreeMap<&'static str, PathBuf>,
     out: String,
+    /// Why a goal was missed, one paragraph each, for the summary.
+    gaps: Vec<String>,
 }
 
 impl Ctx {
@@ -326,6 +318,7 @@ fn main() {
         libka,
         prog,
         out: String::new(),
+        gaps: vec![],
     };
 
     let mut summary = Vec::new();
@@ -405,8 +398,8 @@ fn document(cx: &Ctx, summary: &[String], body: &str, load0: &str, load1: &str, 
     let _ = writeln!(d, "| load average at end | {} |", load1.split(' ').take(3).collect::<Vec<_>>().join(", "));
     let _ = writeln!(
         d,
-        "\nThe machine is shared: other builds and test runs were going on during the run (the load average \
-         above says how much). That is why every timed figure is a median over alternating rounds with its \
+        "\nThe machine is shared with other engineers' builds and test runs; the load averages above say how \
+         busy it was around this run. That is why every timed figure is a median over alternating rounds with its \
          spread, and why the system call and instruction counts (exact, load-independent) carry the weight of \
          the zero-cost claims.\n"
     );
@@ -430,9 +423,35 @@ fn document(cx: &Ctx, summary: &[String], body: &str, load0: &str, load1: &str, 
         let _ = writeln!(d, "{s}");
     }
     d.push('\n');
+    if !cx.gaps.is_empty() {
+        let _ = writeln!(d, "### Where a goal is not met, and why\n");
+        for g in &cx.gaps {
+            let _ = writeln!(d, "- {g}");
+        }
+        d.push('\n');
+    }
+    d.push_str(CHANGES);
+    d.push('\n');
     d.push_str(body);
     d
 }
+
+/// What the suite found and what was changed for it (history: measured before and after each
+/// change, with the command given).
+const CHANGES: &str = "## Changes made for these goals\n\n\
+- **The fd count is one fstat** (src/ownfd.rs `open_fd_count`, used by `nofile::count_open_fds`). The \
+first run of section 4 showed the watchdog's steady tick growing with the connections: 8.65 ms at \
+10,000 and 18.4 ms at 19,000, 0.15% and 0.30% of a core. The cause: the RLIMIT_NOFILE monitor counted \
+the fds exactly by reading /proc/self/fd (about a microsecond per fd), every tick once the kernel's fd \
+table size passed half the warning level, once a minute otherwise. Since Linux 6.2 the size of \
+/proc/PID/fd is the count itself; older kernels report 0 and keep the directory read. After: 0.054 ms \
+and 0.098 ms, 0.006% and 0.012% of a core (`KEEPFIX_BENCH_QUICK=1 KEEPFIX_BENCH_ONLY=4 \
+KEEPFIX_BENCH_SIZES=10000,19000 cargo bench --bench keepfix`, with `KEEPFIX_BENCH_LIB=` pointing at the \
+build before the change for the first figures).\n\
+- **Fixed in the suite itself:** `strace -c`'s `total` row is not a system call (counting it doubled \
+every figure); bench_fdops's warm-up iterations are counted in its strace runs (N + N/10); CPU time \
+rather than wall time for the loops, since on this loaded machine wall time mostly measures waiting \
+for a CPU.\n";
 
 // --- 1. Accept throughput -----------------------------------------------------------------------
 
@@ -484,6 +503,33 @@ fn accept_throughput(cx: &mut Ctx) -> Vec<String> {
             // CPU per connection, each at most 1.02 times plain's.
             let time: Vec<f64> = rate.ratios.iter().map(|r| 1.0 / r).collect();
             let (t, c) = (stat(&time), stat(&cpu.ratios));
+            if t.median > 1.02 || c.median > 1.02 {
+                let peer = vs.iter().zip(&res).find(|(v, _)| v.name == "libkeepalive").map(|(_, (r, c))| {
+                    format!(
+                        " The libkeepalive row, whose per-connection work is nil (it only hooks socket()), came out at \
+                         {:.3} (throughput) and {:.3} (CPU) of plain in the same rounds.",
+                        stat(&r.ratios).median,
+                        stat(&c.ratios).median
+                    )
+                });
+                cx.gaps.push(format!(
+                    "**1, {}**: time per connection {:.3} ({:.3}..{:.3} over the rounds) and server CPU per \
+                     connection {:.3} ({:.3}..{:.3}) of plain's. keepfix makes no extra system call per \
+                     connection (section 2); what it adds is user-space work in the accept() and close() \
+                     hooks, one table update each (a compare-and-swap, the coarse clock, a dirty bit), against \
+                     {:.1} µs of server CPU per connection.{} The spread of the rounds is wider than the 2% to \
+                     resolve: on this shared machine the figure says \"within noise\", not \"under 2%\".",
+                    v.name,
+                    t.median,
+                    t.min,
+                    t.max,
+                    c.median,
+                    c.min,
+                    c.max,
+                    stat(&res[0].1.vals).median,
+                    peer.unwrap_or_default()
+                ));
+            }
             summary.push(format!(
                 "| 1 | accept-heavy server, {} / plain | ≤ 1.02 | time per connection {:.3}, server CPU per connection {:.3} | {} |",
                 v.name,
@@ -676,13 +722,13 @@ fn hook_cost(cx: &mut Ctx) -> Vec<String> {
     cx.say(&format!(
         "`bench_fdops MODE {n}`: a loop of {n} iterations timed inside the program (after a warm-up of {} \
          iterations), {} alternating rounds. `dupclose` is dup() of a pipe end plus close() (two hooked calls); \
-         `dupclose_tcp` is the same in a process that also holds a TCP listener, as a server does (keepfix's \
-         table and thread exist then); `pipe_rw` is a one-byte write() and read() on a pipe (calls keepfix \
-         does not hook at all); `socket_close` is a TCP socket() closed without ever connecting. The ratio is \
-         on the process's CPU time per iteration (CLOCK_PROCESS_CPUTIME_ID, all threads), which time spent \
-         waiting for a CPU on this loaded machine does not inflate; wall time is shown too. Instructions per \
-         iteration are user-space instructions counted by callgrind (N and 2N iterations, subtracted): exact \
-         and repeatable, they show what the hooks add without the noise of the shared machine.\n",
+         `pipe_rw` is a one-byte write() and read() on a pipe (calls keepfix does not hook at all); \
+         `socket_close` is a TCP socket() closed without ever connecting. A `_tcp` loop runs in a process that \
+         also holds a TCP listener, as a server does: keepfix's table and its watchdog thread exist then. The \
+         ratio is on the process's CPU time per iteration (CLOCK_PROCESS_CPUTIME_ID, all threads), which time \
+         spent waiting for a CPU on this loaded machine does not inflate; wall time is shown too. Instructions \
+         per iteration are user-space instructions counted by callgrind (N and 2N iterations, subtracted): \
+         exact and repeatable, they show what the hooks add without the noise of the shared machine.\n",
         n / 10,
         cx.plan.rounds
     ));
@@ -691,16 +737,21 @@ fn hook_cost(cx: &mut Ctx) -> Vec<String> {
     let mut summary = vec![];
     let cg_n = if cx.plan.quick { 5000 } else { 20_000 };
     let mut valgrind_failed = false;
-    for mode in ["dupclose", "dupclose_tcp", "pipe_rw", "socket_close"] {
+    let mut ins_of: BTreeMap<(&str, &str), f64> = BTreeMap::new();
+    for mode in ["dupclose", "dupclose_tcp", "pipe_rw", "pipe_rw_tcp", "socket_close"] {
         let mut vs = vec![cx.plain.clone(), cx.keepfix.clone()];
         if mode == "socket_close" {
             vs.extend(cx.libka.clone());
         }
         let res = alternate(&vs, cx.plan.rounds, |v| fdops_ns(cx, v, mode, n, None));
+        let tcp = mode.ends_with("_tcp");
         for (v, (wall, cpu)) in vs.iter().zip(&res) {
             // callgrind with a TCP socket under keepfix: see the note below the table.
-            let ins = if mode == "dupclose_tcp" { None } else { instructions(cx, v, mode, cg_n) };
-            valgrind_failed |= ins.is_none() && mode != "dupclose_tcp";
+            let ins = if tcp { None } else { instructions(cx, v, mode, cg_n) };
+            valgrind_failed |= ins.is_none() && !tcp;
+            if let Some(i) = ins {
+                ins_of.insert((mode, v.name), i);
+            }
             cx.say(&format!(
                 "| {mode} | {} | {} | {} | {} | {} |",
                 v.name,
@@ -710,12 +761,43 @@ fn hook_cost(cx: &mut Ctx) -> Vec<String> {
                 ins.map_or("n/a".into(), |i| format!("{i:.1}"))
             ));
             if v.name == "keepfix" && mode != "socket_close" {
-                let r = stat(&cpu.ratios).median;
-                summary
-                    .push(format!("| 3 | {mode}, keepfix / plain (CPU) | ≤ 1.05 | {r:.3} | {} |", status(r <= 1.05)));
+                let r = stat(&cpu.ratios);
+                if r.median > 1.05 {
+                    let gap = hook_gap(mode, r, stat(&res[0].1.vals).median, &ins_of);
+                    cx.gaps.push(gap);
+                }
+                summary.push(format!(
+                    "| 3 | {mode}, keepfix / plain (CPU) | ≤ 1.05 | {:.3} | {} |",
+                    r.median,
+                    status(r.median <= 1.05)
+                ));
             }
         }
     }
+    // The control: the plain loops with and without one more (idle) thread.
+    let mut control = vec![];
+    for base in ["dupclose", "pipe_rw"] {
+        let threaded = format!("{base}_thread");
+        let mut ratios = vec![];
+        for r in 0..cx.plan.rounds {
+            let (a, b) = if r % 2 == 0 { (base, threaded.as_str()) } else { (threaded.as_str(), base) };
+            let x = fdops_ns(cx, &cx.plain, a, n, None).1;
+            let y = fdops_ns(cx, &cx.plain, b, n, None).1;
+            let (single, multi) = if r % 2 == 0 { (x, y) } else { (y, x) };
+            ratios.push(multi / single);
+        }
+        control.push(format!("`{base}`: {}", stat(&ratios).show(3)));
+    }
+    cx.say(&format!(
+        "\n**Control, without keepfix:** the plain loops in a process with one more, idle, thread \
+         (`bench_fdops dupclose_thread`, `pipe_rw_thread`) against the same loops without it, CPU ratio: {}. \
+         Once a process has a second thread, glibc takes the slower path of its cancellable calls (close(), \
+         read(), write(), accept(), connect()...: asynchronous cancellation is enabled and restored around \
+         the system call, two atomic operations). keepfix's watchdog is such a thread in every process that \
+         made a TCP socket: that is what the `_tcp` rows show on top of the hooks, and `pipe_rw_tcp`, whose \
+         calls keepfix does not hook, shows it alone. A program that runs threads of its own pays it already.\n",
+        control.join(", ")
+    ));
     cx.say(&format!(
         "\nCommands: `[ENV] target/release/c-tests/bench_fdops MODE {n}`; instructions: \
          `[ENV] valgrind --tool=callgrind --callgrind-out-file=/dev/null target/release/c-tests/bench_fdops MODE N` \
@@ -739,6 +821,38 @@ fn hook_cost(cx: &mut Ctx) -> Vec<String> {
     summary
 }
 
+/// Why a section-3 loop is more than 5% over plain.
+fn hook_gap(mode: &str, r: Stat, plain_ns: f64, ins_of: &BTreeMap<(&str, &str), f64>) -> String {
+    let head = format!(
+        "**3, {mode}**: CPU time {:.3} of plain's ({:.3}..{:.3}), plain being {plain_ns:.0} ns.",
+        r.median, r.min, r.max
+    );
+    let thread = "keepfix's watchdog thread makes the process multi-threaded, and glibc then wraps each \
+                  cancellable call (close, read, write...) in two atomic operations: the control below the \
+                  table of section 3 measures that alone, without keepfix. It is the price of having a thread \
+                  at all; a program with threads of its own already pays it. Not changed here: the way out \
+                  is not to start the thread when it has nothing to do (KEEPFIX_CLOSE_WAIT=off, no \
+                  KEEPFIX_METRICS, KEEPFIX_NOFILE_WARN=off), a design change for src/watchdog.rs, which \
+                  another change is editing.";
+    let hooks = match (ins_of.get(&("dupclose", "keepfix")), ins_of.get(&("dupclose", "plain"))) {
+        (Some(k), Some(p)) => format!(
+            "The hooks add {:.0} instructions per dup+close (callgrind: {k:.0} against {p:.0}), a few dozen \
+             nanoseconds against two of the cheapest system calls there are. callgrind_annotate puts them \
+             in the exported hooks' entry (the active() check, the real function's pointer) and in dup()'s \
+             bookkeeping: it looks up the old fd's slot, and the new fd's to drop any stale entry, and \
+             copy_entry() looks the old slot up a second time even when it is untracked (letting it do so \
+             only when share() returned a word would trim that; not done here).",
+            k - p
+        ),
+        _ => "The hooks add a table lookup per call.".into(),
+    };
+    match mode {
+        "pipe_rw_tcp" => format!("{head} read() and write() are not hooked: {thread}"),
+        "dupclose_tcp" => format!("{head} Two causes. {hooks} And {thread}"),
+        _ => format!("{head} {hooks} pipe_rw (not hooked) is the control: its ratio is the noise of the machine."),
+    }
+}
+
 // --- 6. Outbound connect ------------------------------------------------------------------------
 
 fn outbound(cx: &mut Ctx) -> Vec<String> {
@@ -752,12 +866,14 @@ fn outbound(cx: &mut Ctx) -> Vec<String> {
     cx.say("## 6. Outbound sockets: the cost of keepalive per connect()\n");
     cx.say(&format!(
         "`bench_fdops connect {n} 127.0.0.1 PORT`: socket(), blocking connect() to a plain `bench_server --sink` \
-         (accepts and closes), close(); {} alternating rounds, CPU time of the connecting process. System calls \
+         (accepts and closes), SO_LINGER {{1, 0}} and close() (a reset: without it the TIME_WAIT sockets of \
+         earlier runs exhaust the ephemeral ports and connect() times become the kernel's port search); {} \
+         alternating rounds, CPU time of the connecting process. System calls \
          per connect from `strace -f -c` at N and 2N ({sn} and {} connects, plus the 10% warm-up).\n",
         cx.plan.rounds,
         2 * sn
     ));
-    cx.say("| variant | CPU ns per socket+connect+close | CPU ratio to plain | extra CPU ns per connect | wall ns | extra system calls per connect | extra system calls per never-connected socket |");
+    cx.say("| variant | CPU ns per socket+connect+linger+close | CPU ratio to plain | extra CPU ns per connect | wall ns | extra system calls per connect | extra system calls per never-connected socket |");
     cx.say("|---|---|---|---|---|---|---|");
     let connect_run = |cx: &Ctx, v: &Variant, k: u64| {
         strace_counts(
@@ -1039,20 +1155,50 @@ fn watchdog_and_memory(cx: &mut Ctx) -> Vec<String> {
     let mut summary = vec![];
     let biggest = rows.last();
     if let Some(h) = biggest {
-        let tick_ok = h.tick_max_ms < 10.0;
-        let cpu_ok = h.cpu_per_min_s / 60.0 < 0.001;
-        let note = if h.size < 100_000 { format!(" (at {} connections: see below)", h.size) } else { String::new() };
+        // The scan: the periodic tick once the connections are in the watchdog's epoll set, at
+        // its slowest over the window. Registration is paid once per new connection.
+        let scan = h.tick_steady.max;
+        let cpu_pct = h.cpu_per_min_s / 60.0 * 100.0;
+        let at = if h.size < 100_000 {
+            format!(" at {} connections (the most this machine allows)", h.size)
+        } else {
+            String::new()
+        };
         summary.push(format!(
-            "| 4 | watchdog scan time at 100k connections | < 10 ms | longest tick {:.2} ms, steady {:.3} ms{note} | {} |",
-            h.tick_max_ms,
+            "| 4 | watchdog scan time, 100k connections | < 10 ms | {:.3} ms median, {scan:.3} ms at most{at} | {} |",
             h.tick_steady.median,
-            status(tick_ok)
+            status(scan < 10.0)
         ));
         summary.push(format!(
-            "| 4 | watchdog CPU at 100k connections | < 0.1% of a core | {:.4}%{note} | {} |",
-            h.cpu_per_min_s / 60.0 * 100.0,
-            status(cpu_ok)
+            "| 4 | watchdog CPU, 100k connections | < 0.1% of a core | {cpu_pct:.4}%{at} | {} |",
+            status(cpu_pct < 0.1)
         ));
+        summary.push(format!(
+            "| 4 | registering new connections in the watchdog's epoll set | (once per connection) | {:.2} ms for {} new connections in one tick, {:.2} µs each | — |",
+            h.tick_register_ms,
+            h.size,
+            h.tick_register_ms * 1e3 / h.size as f64
+        ));
+        if !skipped.is_empty() {
+            cx.gaps.push(format!(
+                "**4 and 5 at {} connections: not measured.** This machine's hard RLIMIT_NOFILE is {limit} and \
+                 the container lacks CAP_SYS_RESOURCE, so no process here can hold more than {limit} fds. The \
+                 largest size measured is {}. The steady scan does not depend on the number of connections \
+                 (section 4 explains why, and the rows show it), the table grows by exactly 16 bytes per fd, \
+                 and the epoll registration is paid once per connection, so nothing measured points to a \
+                 different result at 100k; but it is not measured.",
+                skipped.iter().map(u64::to_string).collect::<Vec<_>>().join(" and "),
+                h.size
+            ));
+        }
+        if scan >= 10.0 || cpu_pct >= 0.1 {
+            cx.gaps.push(format!(
+                "**4, at {} connections**: slowest steady tick {scan:.3} ms, CPU {cpu_pct:.4}% of a core. See \
+                 the per-size rows in section 4: if they grow with N, the RLIMIT_NOFILE monitor's exact fd \
+                 count is the O(fds) part of a tick.",
+                h.size
+            ));
+        }
     }
     cx.say(&format!(
         "\nCommands: `[ulimit -n {limit}] KEEPFIX_METRICS=DIR LD_PRELOAD=target/release/libkeepfix.so \
@@ -1063,8 +1209,8 @@ fn watchdog_and_memory(cx: &mut Ctx) -> Vec<String> {
         cx.say(&format!(
             "**Sizes {} were not run**: this machine's hard RLIMIT_NOFILE is {limit} and the container lacks \
              CAP_SYS_RESOURCE, so no process can hold more than {limit} fds. The largest size below keepfix's \
-             first fd warning (80% of that limit) was measured instead; the figures above scale linearly \
-             (or not at all) with N, and the summary extrapolates nothing. On a machine that allows it the \
+             first fd warning (80% of that limit) was measured instead: keepfix's columns stay nearly flat \
+             with N where the per-fd TCP_INFO scan grows linearly, and the summary extrapolates nothing. On a machine that allows it the \
              suite runs them as they are.\n",
             skipped.iter().map(u64::to_string).collect::<Vec<_>>().join(" and ")
         ));
@@ -1075,10 +1221,12 @@ fn watchdog_and_memory(cx: &mut Ctx) -> Vec<String> {
          a connection costs nothing until the kernel reports its peer's FIN or a reset, which wakes the \
          watchdog for that socket alone. The registration tick is O(new connections), paid once per \
          connection (one epoll_ctl each). What remains per tick is constant: the fd limit, the kernel's fd \
-         table size (/proc/self/status), the reserve fd. Once a minute (and every tick when the fd count is \
-         past half the warning level, or in close mode) the RLIMIT_NOFILE monitor counts the fds exactly by \
-         reading /proc/self/fd: O(open fds), and it is what the longest tick shows. The per-fd TCP_INFO and \
-         sock_diag columns grow with N at every tick instead.\n",
+         table size (/proc/self/status), the reserve fd, and, once a minute (every tick when the fd count may \
+         be half way to the warning level, or in close mode), the RLIMIT_NOFILE monitor's exact fd count: one \
+         fstat of /proc/self/fd, whose size is that count since Linux 6.2 (older kernels read the directory, \
+         O(open fds)). The per-fd TCP_INFO and sock_diag columns grow with N at every tick instead; \
+         sock_diag's also with every other socket of the machine (its \"found\" count includes other \
+         programs' CLOSE_WAIT sockets).\n",
     );
     cx.say("## 5. Memory\n");
     cx.say("| connections | server RSS plain (KiB) | server RSS keepfix (KiB) | RSS overhead (KiB) | fd table mapped (bytes) | table bytes per fd slot | table bytes per connection | kernel memory of the watchdog's epoll entries (bytes, not in RSS) |");
@@ -1115,10 +1263,9 @@ fn watchdog_and_memory(cx: &mut Ctx) -> Vec<String> {
     cx.say(&format!(
         "\nA slot is 16 bytes (two atomic words; a compile-time assertion in src/fdtable.rs), in chunks of 1024 \
          slots (16 KiB) mapped when an fd in their range is first tracked: {}. The table follows the highest \
-         fd tracked, not RLIMIT_NOFILE: at 100,000 connections it would be 98 chunks, 1.6 MB. The RSS \
-         overhead also holds keepfix's thread (its stack is touched only a few KiB deep), the CLOSE_WAIT \
-         suspects' map and the metrics writer; RSS figures move by a few hundred KiB between runs with the \
-         allocator's arenas. The kernel's own memory for the watchdog's epoll registrations (one epitem and \
+         fd tracked, not RLIMIT_NOFILE: at 100,000 connections it would be 98 chunks, 1.6 MB. The rest of \
+         the RSS overhead is about the same at every size: keepfix's own pages, its thread's stack and its \
+         allocations (the CLOSE_WAIT suspects' map, the metrics writer). The kernel's own memory for the watchdog's epoll registrations (one epitem and \
          one wait-queue entry per watched socket: the object sizes of the eventpoll_epi and eventpoll_pwq \
          slabs in /proc/slabinfo, times the connections) is not in the process's RSS but is real: it is the \
          price of a detection that costs nothing per tick.\n",
