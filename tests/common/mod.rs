@@ -76,6 +76,21 @@ pub fn c_program(name: &str) -> PathBuf {
     out
 }
 
+/// Makes `c` run with this soft and hard RLIMIT_NOFILE.
+pub fn set_nofile(c: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        c.pre_exec(move || {
+            let l = libc::rlimit { rlim_cur: n, rlim_max: n };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A sample program running under test.
 pub struct Proc {
     pub child: Child,
@@ -133,17 +148,7 @@ impl Run {
             c.env(k, v);
         }
         if let Some(n) = self.nofile {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit is async-signal-safe.
-            unsafe {
-                c.pre_exec(move || {
-                    let l = libc::rlimit { rlim_cur: n, rlim_max: n };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            set_nofile(&mut c, n);
         }
         let mut child = c.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", self.prog.display()));
         let (tx, rx) = channel();
