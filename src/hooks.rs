@@ -314,13 +314,14 @@ fn share(old: c_int) -> Option<Meta> {
 
 /// Records that `new` now refers to the same socket as `old` (whose word was `m`).
 fn copy_entry(old: c_int, new: c_int, m: Option<Meta>) {
-    match (m, fdtable::slot(old)) {
-        (Some(m), Some(os)) => {
+    // The old slot is looked up again only for a tracked socket (the common dup is of a file).
+    match m.and_then(|m| Some((m, fdtable::slot(old)?))) {
+        Some((m, os)) => {
             if let Some(ns) = fdtable::slot_alloc(new) {
                 ns.track(new, m.role(), m.v6(), (m.flags() | flag::SHARED) & !flag::WATCHED, os.info().0);
             }
         }
-        _ => forget(new),
+        None => forget(new),
     }
 }
 
