@@ -1,18 +1,19 @@
 /*
- * stress_vacate_reuse - a socket the program still owns is really closed by keepfix ("vacate"),
- * its number goes to a file, and the program's own later use of its number lands on the file.
+ * stress_vacate_reuse - a socket the program still owns must not be really closed by keepfix
+ * ("vacated"): its number would go to a file, and the program's own later use of its number
+ * would land on the file.
  *
  * Models: a connection pool (or an idle-timeout sweep) that notices a dead connection only at
  * its next use, much later: it writes its request to the fd, sees the failure, and closes it.
- * Under fd pressure, keepfix in close mode really closes old placeholders to free fds; the
- * kernel then hands the number to whatever the program opens next, while the pool still holds
- * it.  Step by step, deterministically (run it with RLIMIT_NOFILE 64, KEEPFIX_CLOSE_WAIT=close,
+ * Under fd pressure, keepfix in close mode really closes old placeholders to free fds, but only
+ * those of sockets whose end (EOF, error) the program had read; this pool never read its EOF.
+ * Step by step, deterministically (run it with RLIMIT_NOFILE 64, KEEPFIX_CLOSE_WAIT=close,
  * KEEPFIX_CLOSE_WAIT_AFTER=0s and a short KEEPFIX_SCAN_INTERVAL):
  *   1. a connection to its own listener; the client side closes: the pooled server side `a` is
- *      in CLOSE_WAIT, and the pool does not notice (it keeps `a`);
+ *      in CLOSE_WAIT, and the pool does not notice (it keeps `a`, unread);
  *   2. waits (5 s at most) until keepfix released `a` (/proc/self/fd/a is /dev/null);
- *   3. opens /dev/zero until 90% of the fd limit is in use, and waits (5 s at most) until
- *      keepfix vacated `a` (/proc/self/fd/a is gone); closes those fds again;
+ *   3. opens /dev/zero until 90% of the fd limit is in use, and watches for 5 s whether keepfix
+ *      vacates `a` (/proc/self/fd/a gone: VACATED ok=1, the defect); closes those fds again;
  *   4. opens a data file: the kernel gives it the lowest free number;
  *   5. the pool uses its connection: write(a, "pool request\n"), then close(a);
  *   6. the file is written and read back through its own fd.
@@ -20,7 +21,7 @@
  *         POOL_WRITE ret=R errno=E, POOL_CLOSE ret=R errno=E,
  *         FILE_CHECK write=R errno=E content=ok|foreign|short,
  *         DONE harmed=0|1 (harmed: the file fd was closed or got the pool's bytes)
- * Without keepfix steps 2 and 3 time out (ok=0) and nothing is harmed.
+ * Without keepfix step 2 times out (ok=0) and nothing is harmed.
  *
  *   stress_vacate_reuse DIR
  */

@@ -731,9 +731,10 @@ pub fn vacate_oldest_many(n: usize) -> usize {
 
 /// At EMFILE in close mode with KEEPFIX_CLOSE_WAIT_AFTER=0s, from the accept hook, when no
 /// placeholder is left to close: closes up to 8 of the sockets the program has left in CLOSE_WAIT
-/// (or dead) without waiting for the watchdog's next tick. It picks those whose last data came
-/// longest ago (the program has most likely read their EOF and forgotten them), and skips any with
-/// unread data (unless KEEPFIX_CLOSE_WAIT_UNREAD=drop) or that another fd or process may share.
+/// (or dead) without waiting for the watchdog's next tick. It takes only those whose end the
+/// program has read (see [`program_saw_end`]), whose last data came longest ago, and skips any
+/// with unread data (unless KEEPFIX_CLOSE_WAIT_UNREAD=drop) or that another fd or process may
+/// share.
 /// At most `budget` TCP_INFO calls; no allocation; each release is deferred to the log. Returns
 /// how many were released, and how many it tried.
 pub fn release_now(rt: &Runtime, budget: usize) -> (usize, usize) {

@@ -282,7 +282,12 @@ unsafe fn on_close(_rt: &'static Runtime, fd: c_int) -> c_int {
     let old = s.claim();
     match old.state() {
         // keepfix's own fd: to the program it does not exist (a close-everything loop, say).
+        // A _Fork() child not yet repaired may hold a mark of an fd it never got: repair first.
         State::Own => {
+            crate::runtime::check_forked();
+            if s.load().state() != State::Own {
+                return unsafe { real::close(fd) };
+            }
             set_errno(libc::EBADF);
             -1
         }
@@ -420,6 +425,8 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
 /// Forgets every tracked fd in `first..=last` before a close_range/closefrom, and returns the
 /// sub-ranges to really close: the range minus keepfix's own fds.
 fn claim_range(first: u32, last: u32) -> ([(u32, u32); 9], usize) {
+    // The Own marks decide what is spared: in an unrepaired _Fork() child they may be stale.
+    crate::runtime::check_forked();
     let mut own = [u32::MAX; 8];
     let mut n_own = 0;
     fdtable::for_each(first as usize, last as usize, |fd, s| {

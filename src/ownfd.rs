@@ -177,9 +177,13 @@ fn proc_file(cell: &AtomicI32, path: &str, flags: OFlags) -> Option<RawFd> {
     cached(cell, || install(sys::own(rustix::fs::open(path, flags | OFlags::CLOEXEC, Mode::empty()).ok()?)))
 }
 
+fn fd_dir() -> Option<RawFd> {
+    proc_file(&PROC_FD, "/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY)
+}
+
 /// The open /proc/self/fd directory of this process, rewound, for the watchdog's scans.
 pub fn proc_fd_dir() -> Option<RawFd> {
-    let fd = proc_file(&PROC_FD, "/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY)?;
+    let fd = fd_dir()?;
     rustix::fs::seek(sys::borrow(fd)?, rustix::fs::SeekFrom::Start(0)).ok()?;
     Some(fd)
 }
@@ -188,8 +192,7 @@ pub fn proc_fd_dir() -> Option<RawFd> {
 /// /proc/PID/fd is that count (the kernel weighs its open-fd bitmap), where reading the directory
 /// costs about a microsecond per fd. `None` on older kernels, which report 0.
 pub fn open_fd_count() -> Option<u64> {
-    let fd = proc_file(&PROC_FD, "/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY)?;
-    let st = rustix::fs::fstat(sys::borrow(fd)?).ok()?;
+    let st = rustix::fs::fstat(sys::borrow(fd_dir()?)?).ok()?;
     u64::try_from(st.st_size).ok().filter(|&n| n > 0)
 }
 
