@@ -424,4 +424,15 @@ static UNUSED void pset_del(struct pset *s, size_t i)
     s->p[i] = s->p[--s->n];
 }
 
+/* Has keepfix released (shut down) this connection? It is still a socket at its number, no
+ * longer in CLOSE_WAIT: LAST_ACK until the peer acknowledges our FIN, then CLOSE. */
+static inline int shut_down_by_keepfix(int fd)
+{
+    struct tcp_info ti;
+    socklen_t len = sizeof ti;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0)
+        return 0;
+    return ti.tcpi_state == TCP_CLOSE || ti.tcpi_state == TCP_LAST_ACK;
+}
+
 #endif

@@ -178,6 +178,11 @@ impl CloseWaitMode {
             CloseWaitMode::Close => "close",
         }
     }
+
+    /// Does this mode shut suspects down (shutdown and close)?
+    pub fn acts(self) -> bool {
+        matches!(self, CloseWaitMode::Shutdown | CloseWaitMode::Close)
+    }
 }
 
 /// One problem with one variable. `Display` gives the log line's text after `keepfix[PID]: `.

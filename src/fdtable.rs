@@ -6,12 +6,17 @@
 //! allocates through malloc, so every function is async-signal-safe.
 //!
 //! ## The release protocol
-//! The watchdog may replace a socket the program forgot (state `Tracked`) with a placeholder.
-//! Between its decision and its dup3() the program may close the number and get it back from
-//! accept(). So every hook that changes what a number refers to first *claims* the slot with a
-//! compare-and-swap that bumps its generation, and the watchdog moves a slot to `Releasing` only
-//! by a compare-and-swap from the exact word it inspected. Whoever swaps first wins; a hook that
-//! finds `Releasing` waits for the watchdog's two system calls to finish (the only wait in a hook).
+//! keepfix closes a number the program forgot ("vacates" it) only inside this protocol. Between
+//! its decision and its close() the program may close the number and get it back from accept().
+//! So every hook that changes what a number refers to first *claims* the slot with a
+//! compare-and-swap that bumps its generation, and a release moves a slot to `Releasing` only by
+//! a compare-and-swap from the exact word it inspected, checks the slot again just before its
+//! close(), and ends with a compare-and-swap from its own `Releasing` word. Whoever swaps first
+//! wins. A hook that finds `Releasing` spins for at most [`WAIT_US`] (a release is a few
+//! non-blocking system calls); if it is still there (keepfix's thread stopped or starved), the hook
+//! never takes the slot over: a close() is handed to the release (flag CLOSE_PENDING: the
+//! releaser closes the number when it ends, and the program gets 0 now), a dup2()/dup3() onto the
+//! number fails with EBUSY, as the kernel's own dup2 may.
 
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
@@ -31,12 +36,10 @@ pub enum State {
     None = 0,
     /// A TCP socket keepfix tracks.
     Tracked = 1,
-    /// The watchdog is swapping a placeholder in, right now.
+    /// keepfix is closing this number (vacating it), right now.
     Releasing = 2,
-    /// keepfix released the socket; the number holds a placeholder the program still owns.
-    Placeholder = 3,
-    /// keepfix really closed the placeholder to free the fd; a later close() of this number by
-    /// the program is answered 0, unless the number was reused meanwhile.
+    /// keepfix really closed the forgotten socket to free the fd; a later close() of this number
+    /// by the program is answered 0, unless the number was reused meanwhile.
     Vacated = 4,
     /// One of keepfix's own fds: invisible to the program's close().
     Own = 5,
@@ -97,10 +100,20 @@ pub mod flag {
     pub const APP_ANY: u32 = APP_KEEPALIVE | APP_IDLE | APP_INTVL | APP_CNT | APP_USER_TIMEOUT;
     /// connect() is in progress (EINPROGRESS): the watchdog watches for it to complete.
     pub const CONNECTING: u32 = 1 << 11;
-    /// When keepfix released it, the program had read the socket's end: its EOF, or the error
-    /// of a reset or timed-out connection. Only such placeholders are ever vacated: a program
-    /// that has not seen the end (a pool yet to notice) may still use the number.
-    pub const SAW_END: u32 = 1 << 12;
+    /// The program itself saw the end of this connection: one of its reads returned 0 (with room
+    /// to read), or failed with the error of a reset or timed-out connection. Only such sockets
+    /// are ever vacated: the read that returns the last data also consumes the FIN, so an empty
+    /// receive queue proves nothing, and a program that has not seen the end (a pool yet to
+    /// notice) may still use the number.
+    pub const SAW_EOF: u32 = 1 << 12;
+    /// The program closed this number while keepfix was releasing it (or using its own fd
+    /// there): the releaser closes it when it is done.
+    pub const CLOSE_PENDING: u32 = 1 << 13;
+    /// One of keepfix's own fds is inside a system call of keepfix's right now.
+    pub const BUSY: u32 = 1 << 14;
+    /// A program's close_range()/closefrom() closed this own fd while keepfix was using it: when
+    /// the use ends, the mark goes (the number is not keepfix's to close any more).
+    pub const GONE: u32 = 1 << 15;
 }
 
 /// The first word of a slot: state, role, family, flags and generation, packed so that one
@@ -128,7 +141,6 @@ impl Meta {
         match self.0 & Self::STATE_MASK {
             1 => State::Tracked,
             2 => State::Releasing,
-            3 => State::Placeholder,
             4 => State::Vacated,
             5 => State::Own,
             _ => State::None,
@@ -164,6 +176,11 @@ impl Meta {
     }
     pub fn with_flags(self, set: u32, clear: u32) -> Meta {
         Meta::new(self.state(), self.role(), self.v6(), (self.flags() & !clear) | set, self.generation())
+    }
+    /// Sets flags whatever the state (with_flags is the same; named for the words of releases and
+    /// own fds, whose flags are not a socket's).
+    pub fn with_flags_any(self, set: u32) -> Meta {
+        self.with_flags(set, 0)
     }
     /// The same content under the next generation: what a hook writes when it claims a slot.
     pub fn next_gen(self) -> Meta {
@@ -217,6 +234,8 @@ static CHUNKS_ALLOCATED: AtomicUsize = AtomicUsize::new(0);
 /// The fds whose release is under way, in any thread (a release takes a cell for its few system
 /// calls; with all cells taken, a release waits for the next chance).
 static RELEASING: [AtomicI32; 8] = [const { AtomicI32::new(-1) }; 8];
+/// The thread doing each of those releases: a hook that waited in vain checks that it is alive.
+static RELEASER: [AtomicI32; 8] = [const { AtomicI32::new(0) }; 8];
 
 /// Counts fork() calls of this process and its ancestors since load: a socket seen before the
 /// latest fork may have a copy in a child process.
@@ -293,17 +312,34 @@ fn mark_dirty(fd: RawFd) {
     }
 }
 
-/// Waits for a `Releasing` slot to settle. The watchdog holds that state across two or three
-/// non-blocking system calls; after fork a child resets it (see [`after_fork_child`]). The bound
-/// is a last resort against a bug, so that a hook can never hang for ever.
+/// How long a hook waits, at most, for a release or a use of keepfix's own fd to end: those are
+/// a few non-blocking system calls, a few microseconds.
+pub const WAIT_US: u64 = 1000;
+
+/// Is this word one that a hook must wait for: a release, or keepfix's own fd in a system call?
+fn unsettled(m: Meta) -> bool {
+    m.state() == State::Releasing || (m.state() == State::Own && m.has(flag::BUSY))
+}
+
+/// Waits, at most [`WAIT_US`], for a `Releasing` slot (or a busy own fd) to settle, and returns
+/// the word then, settled or not. After fork a child resets releases (see [`after_fork_child`]).
 fn wait_settled(slot: &Slot) -> Meta {
+    let m = Meta(slot.meta.load(Acquire));
+    if !unsettled(m) {
+        return m;
+    }
+    wait_settled_slow(slot)
+}
+
+#[cold]
+fn wait_settled_slow(slot: &Slot) -> Meta {
     // A _Fork() child's copy of a release the parent was doing never ends: repair it first.
     crate::runtime::check_forked();
+    let start = crate::sys::now_us();
     let mut spins = 0u32;
-    let start = crate::sys::now_ms();
     loop {
         let m = Meta(slot.meta.load(Acquire));
-        if m.state() != State::Releasing {
+        if !unsettled(m) {
             return m;
         }
         spins += 1;
@@ -311,14 +347,47 @@ fn wait_settled(slot: &Slot) -> Meta {
             core::hint::spin_loop();
         } else {
             rustix::thread::sched_yield();
-            if crate::sys::now_ms().wrapping_sub(start) > 5000 {
-                // Hand back the word as it is: the caller's compare-and-swap then takes the slot
-                // over from the stuck release.
-                crate::log::defer(crate::log::Deferred::StuckRelease, -1, 0, 0);
+            if crate::sys::now_us().wrapping_sub(start) > WAIT_US {
+                if let Some(taken) = take_over_from_the_dead(slot, m) {
+                    return taken;
+                }
+                static SAID: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+                if !SAID.swap(true, Relaxed) {
+                    crate::log::defer(crate::log::Deferred::StuckRelease, -1, 0, 0);
+                }
                 return m;
             }
         }
     }
+}
+
+/// After the bounded wait: if the release on this slot belongs to a thread that no longer exists
+/// (keepfix's thread killed by a seccomp filter, say), nothing can finish it: the slot goes back
+/// to Tracked (a handed-over close is done now), and the caller goes on. A live thread, stopped or
+/// starved, keeps its release: the caller hands over or fails with EBUSY instead.
+fn take_over_from_the_dead(this: &Slot, m: Meta) -> Option<Meta> {
+    if m.state() != State::Releasing {
+        return None;
+    }
+    let i = RELEASING.iter().position(|c| {
+        let fd = c.load(Acquire);
+        fd >= 0 && slot(fd).is_some_and(|s| core::ptr::eq(s, this))
+    })?;
+    let tid = RELEASER.get(i)?.load(Acquire);
+    if tid <= 0 || crate::sys::thread_alive(tid) {
+        return None;
+    }
+    let back = m.with_state(State::Tracked).with_flags(0, flag::CLOSE_PENDING).next_gen();
+    this.meta.compare_exchange(m.0, back.0, AcqRel, Acquire).ok()?;
+    if m.has(flag::CLOSE_PENDING) {
+        if let Some(fd) = RELEASING.get(i).map(|c| c.load(Acquire)) {
+            let _ = crate::sys::close_raw(fd);
+        }
+    }
+    if let Some(c) = RELEASING.get(i) {
+        c.store(-1, Release);
+    }
+    Some(back)
 }
 
 impl Slot {
@@ -338,25 +407,27 @@ impl Slot {
 
     /// Applies `f` to the current word with a compare-and-swap loop, after any release settles.
     /// `f` returns the new word, or `None` to leave the slot as it is. Returns (old, new).
+    /// `f` sees a word still unsettled only after the bounded wait ran out: it decides.
     pub fn update(&self, mut f: impl FnMut(Meta) -> Option<Meta>) -> (Meta, Meta) {
         let mut cur = wait_settled(self);
-        let mut stuck = cur.state() == State::Releasing;
+        let mut waited = unsettled(cur);
         loop {
             let Some(new) = f(cur) else { return (cur, cur) };
             match self.meta.compare_exchange_weak(cur.0, new.0, AcqRel, Acquire) {
                 Ok(_) => return (cur, new),
                 Err(actual) => {
                     cur = Meta(actual);
-                    if cur.state() == State::Releasing && !stuck {
+                    if unsettled(cur) && !waited {
                         cur = wait_settled(self);
-                        stuck = cur.state() == State::Releasing;
+                        waited = unsettled(cur);
                     }
                 }
             }
         }
     }
 
-    /// A new socket got this number (socket, accept, dup): whatever was here is gone.
+    /// A new socket got this number (socket, accept, dup): whatever was here is gone (the kernel
+    /// handed the number out afresh, so even a release that is still marked here has ended).
     pub fn track(&self, fd: RawFd, role: Role, v6: bool, flags: u32, seen_s: u32) -> Meta {
         let (_, new) =
             self.update(|old| Some(Meta::new(State::Tracked, role, v6, flags, old.generation().wrapping_add(1))));
@@ -365,14 +436,26 @@ impl Slot {
         new
     }
 
-    /// The number is about to be closed or replaced by the program: forget it (keepfix's own fds
-    /// excepted). Returns the word it had, so the caller knows what the program is closing.
+    /// The number is about to be closed or replaced by the program: forget it. keepfix's own fd
+    /// there is given up (the number is the program's to close: keepfix opens its fd again
+    /// elsewhere when it needs it). A release still under way after the bounded wait, or an own
+    /// fd inside a system call, is left as it is: see [`Slot::hand_over_close`].
+    /// Returns the word it had, so the caller knows what the program is closing.
     pub fn claim(&self) -> Meta {
         let (old, _) = self.update(|old| match old.state() {
-            State::None | State::Own => None,
+            State::None | State::Releasing => None,
+            State::Own if old.has(flag::BUSY) => None,
             _ => Some(Meta::new(State::None, Role::Socket, false, 0, old.generation().wrapping_add(1))),
         });
         old
+    }
+
+    /// The program closes a number that keepfix is still releasing (or using, for its own fd)
+    /// after the bounded wait: hands the close over to keepfix (flag CLOSE_PENDING), which closes
+    /// the number when it is done. Returns false if the slot settled meanwhile: claim again.
+    pub fn hand_over_close(&self, seen: Meta) -> bool {
+        let pending = seen.with_flags_any(flag::CLOSE_PENDING);
+        seen.has(flag::CLOSE_PENDING) || self.meta.compare_exchange(seen.0, pending.0, AcqRel, Acquire).is_ok()
     }
 
     /// Puts back a word taken by [`Slot::claim`] when the call it guarded failed and changed
@@ -401,7 +484,11 @@ impl Slot {
     /// at EMFILE. The fd is registered first, so that a fork() at any instant leaves the child
     /// able to undo a release whose thread it does not have (see [`after_fork_child`]).
     pub fn begin_release(&self, fd: RawFd, expected: Meta) -> Option<Meta> {
-        let cell = RELEASING.iter().find(|c| c.compare_exchange(-1, fd, AcqRel, Relaxed).is_ok())?;
+        let (i, cell) =
+            RELEASING.iter().enumerate().find(|(_, c)| c.compare_exchange(-1, fd, AcqRel, Relaxed).is_ok())?;
+        if let Some(t) = RELEASER.get(i) {
+            t.store(rustix::thread::gettid().as_raw_nonzero().get(), Release);
+        }
         let rel = expected.with_state(State::Releasing);
         match self.meta.compare_exchange(expected.0, rel.0, AcqRel, Acquire) {
             Ok(_) => Some(rel),
@@ -412,16 +499,35 @@ impl Slot {
         }
     }
 
-    /// Ends a release begun with [`Slot::begin_release`]: stores `new` under the next generation.
-    /// A placeholder's or a vacated number's time is when it became one (for oldest-first).
-    pub fn end_release(&self, fd: RawFd, rel: Meta, new: Meta, when_s: u32) {
-        if new.state() != State::Tracked {
-            self.set_seen(when_s);
-        }
-        self.meta.store(Meta(new.0).with_generation(rel.generation().wrapping_add(1)).0, Release);
+    /// Is the slot still exactly the release `rel`? Checked just before the release's close().
+    pub fn still(&self, rel: Meta) -> bool {
+        self.meta.load(Acquire) == rel.0
+    }
+
+    /// Ends a release begun with [`Slot::begin_release`]: stores `new` under the next generation,
+    /// by a compare-and-swap from `rel`. `closed` says whether the release closed the number. If
+    /// the program closed the number meanwhile (CLOSE_PENDING), its close is done here: the number
+    /// is closed (if the release did not) and forgotten. If a hook replaced the word after the
+    /// bounded wait (the kernel handed the number out afresh), that word stands. Returns true if
+    /// `new` was stored.
+    pub fn end_release(&self, fd: RawFd, rel: Meta, new: Meta, closed: bool) -> bool {
+        let stored = Meta(new.0).with_generation(rel.generation().wrapping_add(1));
+        let ok = match self.meta.compare_exchange(rel.0, stored.0, AcqRel, Acquire) {
+            Ok(_) => true,
+            Err(cur) if Meta(cur).state() == State::Releasing && Meta(cur).has(flag::CLOSE_PENDING) => {
+                if !closed {
+                    let _ = crate::sys::close_raw(fd);
+                }
+                let gone = Meta::new(State::None, Role::Socket, false, 0, rel.generation().wrapping_add(1));
+                self.meta.store(gone.0, Release);
+                false
+            }
+            Err(_) => false,
+        };
         if let Some(c) = RELEASING.iter().find(|c| c.load(Relaxed) == fd) {
             c.store(-1, Release);
         }
+        ok
     }
 
     /// Changes flags the watchdog keeps (WATCHED, ACTED, CONNECTED) if the word is still exactly
@@ -444,12 +550,54 @@ impl Slot {
         self.update(|m| Some(Meta::new(State::Own, Role::Socket, false, 0, m.generation().wrapping_add(1))));
     }
 
-    /// Unmarks one of keepfix's own fds before keepfix closes it.
-    pub fn clear_own(&self) {
-        self.update(|m| {
-            (m.state() == State::Own)
-                .then(|| Meta::new(State::None, Role::Socket, false, 0, m.generation().wrapping_add(1)))
-        });
+    /// Starts a system call of keepfix's on its own fd at this number: Own → Own|BUSY, by a
+    /// compare-and-swap, so that a program close() or dup2() of the number in the meantime waits
+    /// (bounded) or is handed over instead of letting keepfix's call reach the program's next
+    /// file there. None if the number is not keepfix's any more.
+    pub fn begin_own_use(&self) -> Option<Meta> {
+        let m = self.load();
+        if m.state() != State::Own || m.has(flag::BUSY) {
+            return None;
+        }
+        let busy = m.with_flags_any(flag::BUSY);
+        self.meta.compare_exchange(m.0, busy.0, AcqRel, Acquire).ok().map(|_| busy)
+    }
+
+    /// After a program's close_range() or closefrom(): keepfix may have made an own fd in the
+    /// range after the claim pass, which the close then took. Its mark goes (a busy one when its
+    /// use ends), so that keepfix never uses a number it no longer holds.
+    pub fn forget_own_if_closed(&self, fd: RawFd) {
+        let m = self.load();
+        if m.state() != State::Own || crate::sys::fd_exists(fd) {
+            return;
+        }
+        let new = if m.has(flag::BUSY) {
+            m.with_flags_any(flag::GONE)
+        } else {
+            Meta::new(State::None, Role::Socket, false, 0, m.generation().wrapping_add(1))
+        };
+        let _ = self.meta.compare_exchange(m.0, new.0, AcqRel, Acquire);
+    }
+
+    /// Ends a use begun with [`Slot::begin_own_use`]. Returns false if the program closed the
+    /// number meanwhile: keepfix then closes its fd there, as the program asked, and forgets it.
+    pub fn end_own_use(&self, busy: Meta, fd: RawFd) -> bool {
+        let back = busy.with_flags(0, flag::BUSY);
+        match self.meta.compare_exchange(busy.0, back.0, AcqRel, Acquire) {
+            Ok(_) => true,
+            Err(cur) => {
+                // Only a handed-over close, or a range close that took the fd, changes a busy
+                // word. A handed-over close is done here (the number stayed ours meanwhile).
+                let gone = Meta::new(State::None, Role::Socket, false, 0, busy.generation().wrapping_add(1));
+                if cur == busy.with_flags_any(flag::CLOSE_PENDING).0 {
+                    let _ = crate::sys::close_raw(fd);
+                    let _ = self.meta.compare_exchange(cur, gone.0, AcqRel, Acquire);
+                } else if Meta(cur).state() == State::Own && Meta(cur).has(flag::GONE) {
+                    let _ = self.meta.compare_exchange(cur, gone.0, AcqRel, Acquire);
+                }
+                false
+            }
+        }
     }
 }
 
@@ -510,9 +658,18 @@ pub fn after_fork_child() {
         if let Some(s) = slot(fd) {
             let m = s.load();
             if m.state() == State::Releasing {
-                s.meta.store(m.with_state(State::Tracked).next_gen().0, Release);
+                s.meta.store(m.with_state(State::Tracked).with_flags(0, flag::CLOSE_PENDING).next_gen().0, Release);
             }
         }
+    }
+}
+
+impl Slot {
+    /// In a forked child only (one thread): forgets the word whatever it is, without waiting: a
+    /// busy mark of the parent's thread never clears here.
+    pub fn force_none(&self) {
+        let m = self.load();
+        self.meta.store(Meta::new(State::None, Role::Socket, false, 0, m.generation().wrapping_add(1)).0, Release);
     }
 }
 
@@ -544,19 +701,51 @@ mod tests {
         assert!(s.begin_release(5000, seen).is_none());
         let rel = s.begin_release(5000, again).unwrap();
         assert_eq!(s.load().state(), State::Releasing);
-        s.end_release(5000, rel, rel.with_state(State::Placeholder), 3);
-        assert_eq!(s.load().state(), State::Placeholder);
-        assert_eq!(s.claim().state(), State::Placeholder);
+        assert!(s.end_release(5000, rel, rel.with_state(State::Vacated), true));
+        assert_eq!(s.load().state(), State::Vacated);
+        assert_eq!(s.claim().state(), State::Vacated);
         assert_eq!(s.load().state(), State::None);
     }
 
     #[test]
-    fn own_fds_survive_claims() {
+    fn a_close_during_a_release_is_handed_over_and_done_by_the_releaser() {
+        let s = slot_alloc(5003).unwrap();
+        let m = s.track(5003, Role::Accepted, false, 0, 1);
+        let rel = s.begin_release(5003, m).unwrap();
+        // The program's close() finds the release still under way: claim leaves it alone.
+        assert_eq!(s.claim().state(), State::Releasing);
+        assert!(s.hand_over_close(s.load()));
+        assert!(!s.still(rel), "the release must see that the program closed the number");
+        // The releaser closed nothing (number 5003 is not open: EBADF is ignored): it closes it.
+        assert!(!s.end_release(5003, rel, rel.with_state(State::Vacated), false));
+        assert_eq!(s.load().state(), State::None);
+    }
+
+    #[test]
+    fn a_new_socket_at_the_number_wins_over_a_stale_release() {
+        let s = slot_alloc(5004).unwrap();
+        let m = s.track(5004, Role::Accepted, false, 0, 1);
+        let rel = s.begin_release(5004, m).unwrap();
+        // After the bounded wait, the kernel handed the number out afresh: that word stands.
+        let fresh = s.track(5004, Role::Outbound, false, 0, 2);
+        assert!(!s.still(rel));
+        assert!(!s.end_release(5004, rel, rel.with_state(State::Vacated), true));
+        assert_eq!(s.load(), fresh);
+    }
+
+    #[test]
+    fn own_fds_are_given_up_to_a_claim_unless_busy() {
         let s = slot_alloc(5001).unwrap();
         s.set_own();
         assert_eq!(s.claim().state(), State::Own);
-        assert_eq!(s.load().state(), State::Own);
-        s.clear_own();
+        assert_eq!(s.load().state(), State::None);
+        s.set_own();
+        let busy = s.begin_own_use().unwrap();
+        assert_eq!(s.claim().state(), State::Own, "a busy own fd is left alone");
+        assert!(s.load().has(flag::BUSY));
+        assert!(s.hand_over_close(s.load()));
+        // The use ends: keepfix must close it (it was handed the program's close).
+        assert!(!s.end_own_use(busy, 5001));
         assert_eq!(s.load().state(), State::None);
     }
 

@@ -19,7 +19,7 @@ use core::ffi::{c_int, c_uint, c_void};
 use libc::{fd_set, rlimit, sockaddr, socklen_t, timespec, timeval};
 
 macro_rules! hooks {
-    ($( fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> c_int => $imp:path; )*) => {
+    ($( fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty => $imp:path; )*) => {
         mod sym {
             use crate::real::Sym;
             $(
@@ -34,14 +34,14 @@ macro_rules! hooks {
             use super::*;
             $(
                 #[inline]
-                pub unsafe fn $name($($arg: $ty),*) -> c_int {
+                pub unsafe fn $name($($arg: $ty),*) -> $ret {
                     let p = sym::$name.get();
                     if p.is_null() {
                         set_errno(libc::ENOSYS);
                         return -1;
                     }
                     // SAFETY: dlsym found the C library's function of this name and signature.
-                    let f: unsafe extern "C" fn($($ty),*) -> c_int = unsafe { core::mem::transmute(p) };
+                    let f: unsafe extern "C" fn($($ty),*) -> $ret = unsafe { core::mem::transmute(p) };
                     unsafe { f($($arg),*) }
                 }
             )*
@@ -49,7 +49,7 @@ macro_rules! hooks {
 
         $(
             #[cfg_attr(not(test), unsafe(no_mangle))]
-            pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
+            pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
                 match crate::runtime::active() {
                     // SAFETY: the program's arguments, passed on as they came.
                     Some(rt) => unsafe { $imp(rt, $($arg),*) },
@@ -64,6 +64,8 @@ macro_rules! hooks {
             SYM_FCNTL.resolve();
             SYM_FCNTL64.resolve();
             SYM_CLOSEFROM.resolve();
+            SYM_FCLOSE.resolve();
+            SYM_SYSCALL.resolve();
         }
     };
 }
@@ -86,6 +88,125 @@ hooks! {
     fn setrlimit64(resource: c_int, rlim: *const rlimit) -> c_int => on_setrlimit64;
     fn prlimit(pid: libc::pid_t, resource: c_int, new: *const rlimit, old: *mut rlimit) -> c_int => on_prlimit;
     fn prlimit64(pid: libc::pid_t, resource: c_int, new: *const rlimit, old: *mut rlimit) -> c_int => on_prlimit64;
+    fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize => on_read;
+    fn __read_chk(fd: c_int, buf: *mut c_void, n: usize, buflen: usize) -> isize => on_read_chk;
+    fn readv(fd: c_int, iov: *const libc::iovec, cnt: c_int) -> isize => on_readv;
+    fn recv(fd: c_int, buf: *mut c_void, n: usize, flags: c_int) -> isize => on_recv;
+    fn __recv_chk(fd: c_int, buf: *mut c_void, n: usize, buflen: usize, flags: c_int) -> isize => on_recv_chk;
+    fn recvfrom(fd: c_int, buf: *mut c_void, n: usize, flags: c_int, a: *mut sockaddr, l: *mut socklen_t) -> isize => on_recvfrom;
+    fn __recvfrom_chk(fd: c_int, buf: *mut c_void, n: usize, buflen: usize, flags: c_int, a: *mut sockaddr, l: *mut socklen_t) -> isize => on_recvfrom_chk;
+    fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> isize => on_recvmsg;
+}
+
+// --- Reads: the program seeing the end of a connection ---------------------------------------
+//
+// A read that returns 0 with room to read, or fails with the error of a dead connection, is the
+// one exact sign that the program has seen the end of a connection (the read that returns the
+// last data consumes the FIN with it, so an empty receive queue proves nothing). Each read hook
+// is the real call plus one branch on its result; only a result <= 0 looks at the fd table.
+
+/// After a read of `fd` that returned `r` (<= 0) with `room` bytes of room: marks a tracked
+/// socket whose end the program saw. Leaves errno as the read set it.
+#[cold]
+fn read_end(fd: c_int, r: isize, room: bool) {
+    let end = if r == 0 {
+        room
+    } else {
+        matches!(errno(), libc::ECONNRESET | libc::ETIMEDOUT | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EPIPE)
+    };
+    if !end {
+        return;
+    }
+    if let Some(s) = fdtable::slot(fd) {
+        let m = s.load();
+        if m.is_tracked() && !m.has(flag::SAW_EOF) {
+            s.set_flags(flag::SAW_EOF, 0);
+        }
+    }
+}
+
+#[inline]
+fn after_read(fd: c_int, r: isize, room: bool) -> isize {
+    if r <= 0 {
+        read_end(fd, r, room);
+    }
+    r
+}
+
+fn iov_room(iov: *const libc::iovec, cnt: c_int) -> bool {
+    if iov.is_null() || cnt <= 0 {
+        return false;
+    }
+    // SAFETY: the read succeeded (returned 0) with this iovec array, so the kernel read it.
+    (0..cnt as usize).any(|i| unsafe { (*iov.add(i)).iov_len } > 0)
+}
+
+unsafe fn on_read(_rt: &'static Runtime, fd: c_int, buf: *mut c_void, n: usize) -> isize {
+    after_read(fd, unsafe { real::read(fd, buf, n) }, n > 0)
+}
+
+unsafe fn on_read_chk(_rt: &'static Runtime, fd: c_int, buf: *mut c_void, n: usize, buflen: usize) -> isize {
+    after_read(fd, unsafe { real::__read_chk(fd, buf, n, buflen) }, n > 0)
+}
+
+unsafe fn on_readv(_rt: &'static Runtime, fd: c_int, iov: *const libc::iovec, cnt: c_int) -> isize {
+    let r = unsafe { real::readv(fd, iov, cnt) };
+    if r <= 0 {
+        read_end(fd, r, r < 0 || iov_room(iov, cnt));
+    }
+    r
+}
+
+unsafe fn on_recv(_rt: &'static Runtime, fd: c_int, buf: *mut c_void, n: usize, flags: c_int) -> isize {
+    after_read(fd, unsafe { real::recv(fd, buf, n, flags) }, n > 0)
+}
+
+unsafe fn on_recv_chk(
+    _rt: &'static Runtime,
+    fd: c_int,
+    buf: *mut c_void,
+    n: usize,
+    buflen: usize,
+    flags: c_int,
+) -> isize {
+    after_read(fd, unsafe { real::__recv_chk(fd, buf, n, buflen, flags) }, n > 0)
+}
+
+unsafe fn on_recvfrom(
+    _rt: &'static Runtime,
+    fd: c_int,
+    buf: *mut c_void,
+    n: usize,
+    flags: c_int,
+    a: *mut sockaddr,
+    l: *mut socklen_t,
+) -> isize {
+    after_read(fd, unsafe { real::recvfrom(fd, buf, n, flags, a, l) }, n > 0)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn on_recvfrom_chk(
+    _rt: &'static Runtime,
+    fd: c_int,
+    buf: *mut c_void,
+    n: usize,
+    buflen: usize,
+    flags: c_int,
+    a: *mut sockaddr,
+    l: *mut socklen_t,
+) -> isize {
+    after_read(fd, unsafe { real::__recvfrom_chk(fd, buf, n, buflen, flags, a, l) }, n > 0)
+}
+
+unsafe fn on_recvmsg(_rt: &'static Runtime, fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> isize {
+    let r = unsafe { real::recvmsg(fd, msg, flags) };
+    if r <= 0 {
+        // SAFETY: the call succeeded or failed with this msghdr; reading it is what libc did.
+        let room =
+            r < 0 || (!msg.is_null() && iov_room(unsafe { (*msg).msg_iov }, unsafe { (*msg).msg_iovlen } as c_int));
+        read_end(fd, r, room);
+    }
+    r
 }
 
 // --- Sockets ----------------------------------------------------------------------------------
@@ -248,14 +369,21 @@ unsafe fn on_setsockopt(
         s.set_flags(opt.app_flag(), 0);
         return r;
     }
-    let Some(ours) = opt.ours(&rt.ka) else { return r };
-    if value.is_some_and(|v| v as u32 == ours) {
-        return r;
-    }
-    // keepfix's settings win: put ours back. The program still gets what libc returned.
-    let kept = keepalive::reapply(fd, opt, &rt.ka).is_ok();
-    if keepalive::first_override(opt) {
-        crate::log::defer(crate::log::Deferred::AppKeepaliveOff, fd, opt.index(), i64::from(kept));
+    match keepalive::stricter(opt, value, &rt.ka) {
+        // The program's value is at least as strict as keepfix's: it stays, here and on what a
+        // listener passes on (APP_* flags keep keepfix from setting it again).
+        keepalive::Verdict::Program => {
+            s.set_flags(opt.app_flag(), 0);
+        }
+        keepalive::Verdict::Ours => {
+            s.set_flags(0, opt.app_flag());
+            // keepfix's stricter value goes back on. The program still gets what libc returned.
+            let kept = keepalive::reapply(fd, opt, &rt.ka).is_ok();
+            if keepalive::first_override(opt) {
+                crate::log::defer(crate::log::Deferred::AppKeepaliveOff, fd, opt.index(), i64::from(kept));
+            }
+        }
+        keepalive::Verdict::Untouched => {}
     }
     r
 }
@@ -273,25 +401,20 @@ fn forget(fd: c_int) {
     }
 }
 
-unsafe fn on_close(_rt: &'static Runtime, fd: c_int) -> c_int {
+unsafe fn on_close(rt: &'static Runtime, fd: c_int) -> c_int {
     let Some(s) = fdtable::slot(fd) else { return unsafe { real::close(fd) } };
     if s.load().state() == State::None {
         return unsafe { real::close(fd) };
     }
     let saved = errno();
-    let old = s.claim();
-    match old.state() {
-        // keepfix's own fd: to the program it does not exist (a close-everything loop, say).
-        // A _Fork() child not yet repaired may hold a mark of an fd it never got: repair first.
-        State::Own => {
-            crate::runtime::check_forked();
-            if s.load().state() != State::Own {
-                return unsafe { real::close(fd) };
-            }
-            set_errno(libc::EBADF);
-            -1
+    match before_close(s) {
+        Closing::HandedOver => {
+            // keepfix is acting on this number right now and will close it when it is done: the
+            // program's close has succeeded as far as it can tell.
+            set_errno(saved);
+            0
         }
-        State::Vacated => {
+        Closing::Vacated => {
             // keepfix closed this number to free an fd; the program closes it now. It succeeds,
             // unless the number holds something new, which is then the program's to close.
             let r = unsafe { real::close(fd) };
@@ -302,11 +425,42 @@ unsafe fn on_close(_rt: &'static Runtime, fd: c_int) -> c_int {
             }
             r
         }
-        State::Placeholder => {
-            closewait::note_program_closed(false);
+        Closing::Plain(old) => {
+            if old.is_tracked() && old.has(flag::ACTED) && rt.cfg.close_wait.acts() {
+                // A number keepfix had shut down: the program's own close, at last.
+                closewait::note_program_closed(false);
+            }
             unsafe { real::close(fd) }
         }
-        _ => unsafe { real::close(fd) },
+    }
+}
+
+/// What a close of a number the table knows about must do.
+enum Closing {
+    /// Call the real close (keepfix's own fd there is given up first: the number is the
+    /// program's to close, and keepfix opens its fd again elsewhere when it needs it). The word
+    /// the number had.
+    Plain(Meta),
+    /// keepfix vacated the number: a close that finds nothing there succeeds.
+    Vacated,
+    /// keepfix is still releasing the number (or using its own fd there) after the bounded
+    /// wait: the close was handed over; do not call the real one.
+    HandedOver,
+}
+
+/// Forgets the number before the program closes it. Async-signal-safe.
+fn before_close(s: &'static fdtable::Slot) -> Closing {
+    loop {
+        let old = s.claim();
+        match old.state() {
+            State::Releasing | State::Own if old.state() == State::Releasing || old.has(flag::BUSY) => {
+                if s.hand_over_close(old) {
+                    return Closing::HandedOver;
+                }
+            }
+            State::Vacated => return Closing::Vacated,
+            _ => return Closing::Plain(old),
+        }
     }
 }
 
@@ -340,30 +494,24 @@ unsafe fn on_dup(_rt: &'static Runtime, fd: c_int) -> c_int {
 }
 
 /// dup2 and dup3: `new` is replaced, so it is claimed first (after any release on it settles).
+/// If keepfix is still acting on `new` after the bounded wait, the call fails with EBUSY (which
+/// the kernel's dup2 may return too) rather than race keepfix's close of that number.
 fn dup_onto(old: c_int, new: c_int, call: &mut dyn FnMut() -> c_int) -> c_int {
     if old == new {
         return call();
     }
     let m = share(old);
     let ns = fdtable::slot(new);
-    let prior = ns.map(|s| {
-        let p = s.claim();
-        if p.state() == State::Own {
-            // The program takes one of keepfix's numbers: it is the program's now; keepfix
-            // notices and opens its fd again elsewhere.
-            s.reset();
-        }
-        p
-    });
+    let prior = ns.map(|s| s.claim());
+    if prior.is_some_and(|p| p.state() == State::Releasing || (p.state() == State::Own && p.has(flag::BUSY))) {
+        set_errno(libc::EBUSY);
+        return -1;
+    }
     let r = call();
     if r < 0 {
         let e = errno();
         if let (Some(s), Some(p)) = (ns, prior) {
-            if p.state() == State::Own {
-                s.set_own();
-            } else {
-                s.unclaim(p);
-            }
+            s.unclaim(p);
         }
         set_errno(e);
         return r;
@@ -422,33 +570,33 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
     unsafe { fcntl_hook(&SYM_FCNTL64, fd, cmd, arg) }
 }
 
-/// Forgets every tracked fd in `first..=last` before a close_range/closefrom, and returns the
-/// sub-ranges to really close: the range minus keepfix's own fds.
-fn claim_range(first: u32, last: u32) -> ([(u32, u32); 9], usize) {
-    // The Own marks decide what is spared: in an unrepaired _Fork() child they may be stale.
+/// Forgets every known fd in `first..=last` before a close_range/closefrom, and returns the
+/// sub-ranges to really close: the range minus the numbers whose close was handed over to
+/// keepfix (a release still under way). At most 8 such numbers are split out; past that the rest
+/// of the range is left to the handed-over closes' owners... which cannot happen: at most 8
+/// releases run at once (fdtable's RELEASING cells) plus keepfix's few own fds.
+fn claim_range(first: u32, last: u32) -> ([(u32, u32); 17], usize) {
+    // The Own marks decide what is given up: in an unrepaired _Fork() child they may be stale.
     crate::runtime::check_forked();
-    let mut own = [u32::MAX; 8];
-    let mut n_own = 0;
+    let mut held = [u32::MAX; 16];
+    let mut n_held = 0;
     fdtable::for_each(first as usize, last as usize, |fd, s| {
         if s.load().state() == State::None {
             return;
         }
-        if s.claim().state() == State::Own {
-            if let Some(o) = own.get_mut(n_own) {
+        if let Closing::HandedOver = before_close(s) {
+            if let Some(o) = held.get_mut(n_held) {
                 *o = fd as u32;
-                n_own += 1;
-            } else {
-                // More own fds than keepfix ever holds: give the extra one up.
-                s.reset();
+                n_held += 1;
             }
         }
     });
-    let own = own.get_mut(..n_own).unwrap_or(&mut []);
-    own.sort_unstable();
-    let mut ranges = [(0u32, 0u32); 9];
+    let held = held.get_mut(..n_held).unwrap_or(&mut []);
+    held.sort_unstable();
+    let mut ranges = [(0u32, 0u32); 17];
     let mut n = 0;
     let mut lo = first;
-    for &o in own.iter() {
+    for &o in held.iter() {
         if o > lo {
             if let Some(r) = ranges.get_mut(n) {
                 *r = (lo, o - 1);
@@ -482,18 +630,22 @@ unsafe fn on_close_range(_rt: &'static Runtime, first: c_uint, last: c_uint, fla
             result = r;
         }
     }
+    forget_closed_own(first, last);
     if result != 0 {
         return result;
     }
     if n == 0 {
-        // Every fd of the range is keepfix's: validate the flags as the kernel would.
+        // Every fd of the range was handed over: validate the flags as the kernel would.
         return unsafe { real::close_range(last, last, flags | libc::CLOSE_RANGE_CLOEXEC as c_int) }.min(0);
     }
     0
 }
 
 /// closefrom(3) never reaches an interposed close() (glibc calls close_range inside), so it is
-/// hooked itself. It is done as close_range over the sub-ranges that spare keepfix's own fds.
+/// hooked itself: close_range over the sub-ranges claim_range returns, or, where close_range is
+/// missing (Linux < 5.9, a seccomp profile without it), keepfix's own walk of /proc/self/fd. It
+/// never falls back on the C library's closefrom, whose own walk would close the numbers whose
+/// close was handed over to keepfix.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn closefrom(lowfd: c_int) {
     let real_closefrom = |fd: c_int| {
@@ -511,12 +663,134 @@ pub unsafe extern "C" fn closefrom(lowfd: c_int) {
     let (ranges, n) = claim_range(lowfd as u32, u32::MAX);
     for &(lo, hi) in ranges.get(..n).unwrap_or(&[]) {
         if sys::close_range_raw(lo, hi, 0).is_err() {
-            // No close_range in this kernel: the C library's own fallback.
-            real_closefrom(lo as c_int);
+            closefrom_walk(lo, hi);
+        }
+    }
+    forget_closed_own(lowfd as u32, u32::MAX);
+    set_errno(saved);
+}
+
+/// After a range close: own fds keepfix made in the range after the claim pass were closed too.
+fn forget_closed_own(first: u32, last: u32) {
+    fdtable::for_each(first as usize, last as usize, |fd, s| {
+        if s.load().state() == State::Own {
+            s.forget_own_if_closed(fd);
+        }
+    });
+}
+
+/// closefrom without close_range: closes every open fd in `lo..=hi`, as found in /proc/self/fd
+/// (read into a stack buffer, again from the start until a pass closes nothing), each after the
+/// fd table forgets it. Without /proc, each number up to the soft limit. Allocation-free.
+fn closefrom_walk(lo: u32, hi: u32) {
+    use rustix::fs::{Mode, OFlags, RawDir};
+    let close_one = |fd: u32| {
+        if let Some(s) = fdtable::slot(fd as c_int) {
+            if s.load().state() != State::None {
+                if let Closing::HandedOver = before_close(s) {
+                    return false;
+                }
+            }
+        }
+        sys::close_raw(fd as c_int).is_ok()
+    };
+    let dir = rustix::fs::open("/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty());
+    let Ok(dir) = dir.map(sys::own) else {
+        let (soft, _) = nofile::limits();
+        for fd in lo..=hi.min(soft.min(u64::from(u32::MAX)) as u32) {
+            close_one(fd);
+        }
+        return;
+    };
+    let me = dir.raw() as u32;
+    for _pass in 0..64 {
+        let mut closed = 0;
+        if rustix::fs::seek(dir.as_fd(), rustix::fs::SeekFrom::Start(0)).is_err() {
+            break;
+        }
+        let mut buf = [core::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut it = RawDir::new(dir.as_fd(), &mut buf);
+        while let Some(Ok(ent)) = it.next() {
+            let Some(fd) = ent.file_name().to_str().ok().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            if fd >= lo && fd <= hi && fd != me && close_one(fd) {
+                closed += 1;
+            }
+        }
+        if closed == 0 {
             break;
         }
     }
-    set_errno(saved);
+}
+
+// fclose() closes its fd inside the C library, out of our close(): `fclose(fdopen(sock))` would
+// leave the table saying the socket is there. The number is forgotten first, as close() does.
+static SYM_FCLOSE: crate::real::Sym = crate::real::Sym::new(c"fclose");
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn fclose(fp: *mut libc::FILE) -> c_int {
+    if crate::runtime::active().is_some() && !fp.is_null() {
+        let saved = errno();
+        // SAFETY: the program's FILE, which fclose is about to use too.
+        let fd = unsafe { libc::fileno(fp) };
+        if let Some(s) = fdtable::slot(fd).filter(|s| s.load().state() != State::None) {
+            if let Closing::HandedOver = before_close(s) {
+                // The C library closes the number itself, now: keepfix's release must not.
+                s.reset();
+            }
+        }
+        set_errno(saved);
+    }
+    let p = SYM_FCLOSE.get();
+    if p.is_null() {
+        set_errno(libc::ENOSYS);
+        return libc::EOF;
+    }
+    // SAFETY: the C library's fclose with the program's argument.
+    let f: unsafe extern "C" fn(*mut libc::FILE) -> c_int = unsafe { core::mem::transmute(p) };
+    unsafe { f(fp) }
+}
+
+// syscall(3): a program (or libseccomp, libcap, a language runtime) that makes a system call by
+// number still goes through the C library's syscall(), which is interposable. The fd calls are
+// routed through their hooks, so the table stays right; everything else goes straight on. The
+// exported function takes six fixed word-sized arguments, which is how the variadic ones arrive
+// on x86_64 and aarch64 Linux, and forwards all six.
+static SYM_SYSCALL: crate::real::Sym = crate::real::Sym::new(c"syscall");
+
+type VariadicSyscall = unsafe extern "C" fn(libc::c_long, ...) -> libc::c_long;
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn syscall(
+    n: libc::c_long,
+    a: usize,
+    b: usize,
+    c: usize,
+    d: usize,
+    e: usize,
+    f: usize,
+) -> libc::c_long {
+    if let Some(rt) = crate::runtime::active() {
+        let r = match n {
+            libc::SYS_close => Some(unsafe { on_close(rt, a as c_int) }),
+            libc::SYS_close_range => Some(unsafe { on_close_range(rt, a as c_uint, b as c_uint, c as c_int) }),
+            libc::SYS_dup => Some(unsafe { on_dup(rt, a as c_int) }),
+            #[cfg(target_arch = "x86_64")]
+            libc::SYS_dup2 => Some(unsafe { on_dup2(rt, a as c_int, b as c_int) }),
+            libc::SYS_dup3 => Some(unsafe { on_dup3(rt, a as c_int, b as c_int, c as c_int) }),
+            _ => None,
+        };
+        if let Some(r) = r {
+            return libc::c_long::from(r);
+        }
+    }
+    let p = SYM_SYSCALL.get();
+    if p.is_null() {
+        set_errno(libc::ENOSYS);
+        return -1;
+    }
+    // SAFETY: the C library's syscall(), with the program's arguments.
+    let real: VariadicSyscall = unsafe { core::mem::transmute(p) };
+    unsafe { real(n, a, b, c, d, e, f) }
 }
 
 // --- fd limits --------------------------------------------------------------------------------

@@ -98,6 +98,35 @@ impl Opt {
     }
 }
 
+/// Whose value of an option a program just set stays in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The program's value is at least as strict as keepfix's (finds a dead peer as fast or
+    /// faster): it stays.
+    Program,
+    /// keepfix's is stricter: it goes back on.
+    Ours,
+    /// keepfix has no value of its own for this option (TCP_USER_TIMEOUT unset).
+    Untouched,
+}
+
+/// The stricter of the program's `value` for `opt` and keepfix's: keepalive on beats off, a
+/// shorter idle time, interval or user timeout and fewer probes beat longer and more. A
+/// TCP_USER_TIMEOUT of 0 means the kernel's default (no bound), the loosest of all. A value that
+/// could not be read (None) counts as the program's: keepfix never fights what it cannot see.
+pub fn stricter(opt: Opt, value: Option<c_int>, s: &Settings) -> Verdict {
+    let Some(ours) = opt.ours(s) else { return Verdict::Untouched };
+    let Some(v) = value else { return Verdict::Program };
+    let v = v as i64;
+    let ours = i64::from(ours);
+    let program_wins = match opt {
+        Opt::KeepAlive => v != 0,
+        Opt::UserTimeout => v > 0 && v <= ours,
+        Opt::Idle | Opt::Intvl | Opt::Cnt => v > 0 && v <= ours,
+    };
+    if program_wins { Verdict::Program } else { Verdict::Ours }
+}
+
 /// Options whose override by the program was logged already (once per process and option).
 static OVERRIDE_LOGGED: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 
@@ -165,8 +194,9 @@ fn get(fd: BorrowedFd<'_>, opt: Opt) -> Result<u32, Errno> {
     }
 }
 
-/// Puts keepfix's options on a TCP socket, except those in `skip` (APP_* flags: options the
-/// program set itself under KEEPFIX_RESPECT_APP). On failure, says which option and why.
+/// Puts keepfix's options on a TCP socket, except those in `skip` (APP_* flags: options whose
+/// program value stays, because it is stricter or under KEEPFIX_RESPECT_APP). On failure, says
+/// which option and why.
 pub fn apply(fd: RawFd, s: &Settings, skip: u32) -> Result<(), (Opt, Errno)> {
     let Some(b) = sys::borrow(fd) else { return Err((Opt::KeepAlive, Errno::BADF)) };
     for opt in ORDER {
@@ -196,6 +226,23 @@ pub fn has_ours(fd: RawFd, s: &Settings, skip: u32) -> bool {
         .iter()
         .rev()
         .all(|&opt| skip & opt.app_flag() != 0 || opt.ours(s).is_none_or(|v| get(b, opt).is_ok_and(|got| got == v)))
+}
+
+/// The APP_* flags of the options on `fd` whose current value is already at least as strict as
+/// keepfix's: for a socket keepfix did not see made (inherited at exec, made by a raw syscall),
+/// whose options it cannot know from the setsockopt hook. One getsockopt per option.
+pub fn stricter_already(fd: RawFd, s: &Settings) -> u32 {
+    let Some(b) = sys::borrow(fd) else { return 0 };
+    // Keepalive off makes the timings moot: only once it is on do they count as the program's.
+    if !sockopt::socket_keepalive(b).unwrap_or(false) {
+        return 0;
+    }
+    ORDER
+        .iter()
+        .filter(|&&opt| {
+            opt != Opt::KeepAlive && get(b, opt).is_ok_and(|v| stricter(opt, Some(v as c_int), s) == Verdict::Program)
+        })
+        .fold(flag::APP_KEEPALIVE, |acc, opt| acc | opt.app_flag())
 }
 
 /// Applies keepfix's options to a freshly tracked socket and records the outcome in its slot;
@@ -228,6 +275,9 @@ pub fn adopt_inherited(s: &Settings) {
         // systemd socket unit's KeepAlive=, say) is theirs.
         if s.respect_app && sockopt::socket_keepalive(b).unwrap_or(false) {
             flags |= flag::APP_ANY;
+        } else {
+            // Never loosen what the socket already has (a systemd socket unit's KeepAlive=...).
+            flags |= stricter_already(fd, s);
         }
         let role = if listening {
             flags |= flag::CHECK_ACCEPTED;
@@ -307,15 +357,21 @@ fn systemd_listen_fds() -> Option<(RawFd, RawFd)> {
 /// The watchdog reads the directory through a cached fd of its own (no new fd, so it never takes
 /// a number the program is about to get); the constructor, before main(), opens it afresh.
 pub fn for_each_open_fd(f: &mut dyn FnMut(RawFd)) -> bool {
-    use rustix::fs::{Mode, OFlags, RawDir};
-    let transient;
-    let dir = if crate::watchdog::on_watchdog_thread() {
-        transient = None;
-        match crate::ownfd::proc_fd_dir() {
-            Some(d) => d,
-            None => return false,
+    use rustix::fs::{Mode, OFlags};
+    if crate::watchdog::on_watchdog_thread() {
+        let Some(dir) = crate::ownfd::proc_fd_dir() else { return false };
+        let fds = crate::ownfd::with(dir, |b| {
+            rustix::fs::seek(b, rustix::fs::SeekFrom::Start(0)).ok()?;
+            Some(read_fd_dir(b, None))
+        });
+        let Some(Some(fds)) = fds else { return false };
+        for fd in fds {
+            f(fd);
         }
-    } else {
+        return true;
+    }
+    let transient;
+    let dir = {
         let Ok(d) =
             rustix::fs::open("/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         else {
@@ -325,22 +381,28 @@ pub fn for_each_open_fd(f: &mut dyn FnMut(RawFd)) -> bool {
         transient.as_ref().map_or(-1, |d| d.raw())
     };
     let Some(b) = sys::borrow(dir) else { return false };
-    let mut buf = [core::mem::MaybeUninit::<u8>::uninit(); 8192];
-    let mut fds = Vec::new();
-    let mut it = RawDir::new(b, &mut buf);
-    while let Some(Ok(ent)) = it.next() {
-        if let Some(fd) = ent.file_name().to_str().ok().and_then(|s| s.parse::<RawFd>().ok()) {
-            // The transient directory fd is not the process's; the cached one is keepfix's own.
-            if transient.is_none() || fd != dir {
-                fds.push(fd);
-            }
-        }
-    }
+    let fds = read_fd_dir(b, Some(dir));
     drop(transient);
     for fd in fds {
         f(fd);
     }
     true
+}
+
+/// The numbers in an open /proc/PID/fd directory, less `skip` (the directory's own fd).
+fn read_fd_dir(b: BorrowedFd<'_>, skip: Option<RawFd>) -> Vec<RawFd> {
+    use rustix::fs::RawDir;
+    let mut buf = [core::mem::MaybeUninit::<u8>::uninit(); 8192];
+    let mut fds = Vec::new();
+    let mut it = RawDir::new(b, &mut buf);
+    while let Some(Ok(ent)) = it.next() {
+        if let Some(fd) = ent.file_name().to_str().ok().and_then(|s| s.parse::<RawFd>().ok()) {
+            if Some(fd) != skip {
+                fds.push(fd);
+            }
+        }
+    }
+    fds
 }
 
 #[cfg(test)]

@@ -485,9 +485,11 @@ fn write_syslog(sink: &mut SinkState, bytes: &[u8]) -> bool {
         if sink.fd < 0 || !crate::ownfd::is_own(sink.fd) {
             sink.fd = connect_syslog().unwrap_or(-1);
         }
-        let Some(fd) = sys::borrow(sink.fd) else { return false };
         let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
-        match rustix::net::send(fd, bytes, flags) {
+        // Through ownfd::with: the program may have closed that number and opened its own there.
+        match crate::ownfd::with(sink.fd, |fd| rustix::net::send(fd, bytes, flags))
+            .unwrap_or(Err(rustix::io::Errno::NOTCONN))
+        {
             Ok(_) => return true,
             // syslogd restarted: connect again once.
             Err(rustix::io::Errno::CONNREFUSED) | Err(rustix::io::Errno::NOTCONN) => {
@@ -534,10 +536,7 @@ fn write_file(sink: &mut SinkState, dest: &Dest, bytes: &[u8]) -> bool {
         sink.file_checked_ms = now;
         sink.fd = crate::ownfd::install(f).unwrap_or(-1);
     }
-    match sys::borrow(sink.fd) {
-        Some(fd) => write_nowait(fd, bytes),
-        None => false,
-    }
+    crate::ownfd::with(sink.fd, |fd| write_nowait(fd, bytes)).unwrap_or(false)
 }
 
 /// An RFC 3339 UTC timestamp, computed without libc (no locale, no locks).
@@ -595,15 +594,19 @@ mod tests {
             defer(Deferred::Emfile, 7, i, 0);
         }
         let mut seen = Vec::new();
-        // drain() would also emit an events_dropped line to stderr; that is fine in a test.
+        // drain() would also emit an events_dropped line to stderr; that is fine in a test. The
+        // ring is the process's: a test of the fd table in another thread may defer its own
+        // event meanwhile (a hook that waited), so only this test's records are compared.
         drain(|k, fd, a, _| {
-            assert_eq!((k, fd), (Deferred::Emfile, 7));
-            seen.push(a);
+            if (k, fd) == (Deferred::Emfile, 7) {
+                seen.push(a);
+            }
         });
-        assert_eq!(seen, (0..RING_LEN as i64).collect::<Vec<_>>());
+        assert!(seen.len() >= RING_LEN as usize - 8, "{} records kept", seen.len());
+        assert_eq!(seen, (0..seen.len() as i64).collect::<Vec<_>>());
         defer(Deferred::SelectTooBig, 1, 2, 3);
         let mut again = Vec::new();
         drain(|k, fd, a, b| again.push((k, fd, a, b)));
-        assert_eq!(again, vec![(Deferred::SelectTooBig, 1, 2, 3)]);
+        assert!(again.contains(&(Deferred::SelectTooBig, 1, 2, 3)), "{again:?}");
     }
 }

@@ -103,7 +103,8 @@ fn write_atomically(path: &str, tmp: &str, bytes: &[u8]) -> Result<(), rustix::i
     )?;
     let mut off = 0;
     while off < bytes.len() {
-        match rustix::io::write(f.as_fd(), bytes.get(off..).unwrap_or(&[])) {
+        match f.with(|b| rustix::io::write(b, bytes.get(off..).unwrap_or(&[]))).unwrap_or(Err(rustix::io::Errno::BADF))
+        {
             Ok(0) => return Err(rustix::io::Errno::IO),
             Ok(n) => off += n,
             Err(rustix::io::Errno::INTR) => {}
@@ -118,7 +119,8 @@ fn write_atomically(path: &str, tmp: &str, bytes: &[u8]) -> Result<(), rustix::i
 pub fn render(detector: &Detector, monitor: &Monitor, now: u64, program: &str) -> String {
     let pid = sys::getpid();
     let mut roles = [0u64; 6];
-    let (mut tracked, mut placeholders, mut vacated) = (0u64, 0u64, 0u64);
+    let (mut tracked, mut released, mut vacated) = (0u64, 0u64, 0u64);
+    let acting = crate::runtime::get().is_some_and(|rt| rt.cfg.close_wait.acts());
     fdtable::for_each(0, fdtable::MAX_FD - 1, |_, s| {
         let m = s.load();
         match m.state() {
@@ -127,8 +129,10 @@ pub fn render(detector: &Detector, monitor: &Monitor, now: u64, program: &str) -
                 if let Some(r) = roles.get_mut(m.role() as usize) {
                     *r += 1;
                 }
+                if acting && m.has(fdtable::flag::ACTED) {
+                    released += 1;
+                }
             }
-            State::Placeholder => placeholders += 1,
             State::Vacated => vacated += 1,
             _ => {}
         }
@@ -157,12 +161,12 @@ pub fn render(detector: &Detector, monitor: &Monitor, now: u64, program: &str) -
     metric(
         "keepfix_sockets",
         "gauge",
-        "Tracked sockets and released numbers, by state as keepfix sees it: open, close_wait (the peer closed, the program did not: found and not yet released), listen, released (a placeholder holds the number), vacated (the placeholder was closed to free an fd).",
+        "Tracked sockets and released numbers, by state as keepfix sees it: open, close_wait (the peer closed, the program did not: found and not yet released), listen, released (shut down by keepfix, the number still the program's), vacated (closed by keepfix to free the fd).",
         &[
             ("state=\"open\"", open as f64),
             ("state=\"close_wait\"", held as f64),
             ("state=\"listen\"", (role(Role::Listener) + role(Role::InheritedListener)) as f64),
-            ("state=\"released\"", placeholders as f64),
+            ("state=\"released\"", released as f64),
             ("state=\"vacated\"", vacated as f64),
         ],
     );
@@ -185,7 +189,6 @@ pub fn render(detector: &Detector, monitor: &Monitor, now: u64, program: &str) -
         &[
             ("action=\"logged\"", t.logged as f64),
             ("action=\"shutdown\"", t.shutdown as f64),
-            ("action=\"closed\"", t.closed as f64),
             ("action=\"vacated\"", t.vacated as f64),
             ("action=\"kept_unread\"", t.unread_kept as f64),
         ],
@@ -193,7 +196,7 @@ pub fn render(detector: &Detector, monitor: &Monitor, now: u64, program: &str) -
     metric(
         "keepfix_released_closed_by_program_total",
         "counter",
-        "close() calls the program made on numbers keepfix had released.",
+        "close() calls the program made on numbers keepfix had shut down or vacated.",
         &[("", closewait::program_closed() as f64)],
     );
     metric("keepfix_fds_used", "gauge", "Open fds, at the last count.", &[("", monitor.used() as f64)]);

@@ -4,10 +4,11 @@
 //! Hot path: accept() returns the lowest free fd, so fd N means at least N+1 fds are open; hooks
 //! keep the highest such N in one atomic. The watchdog takes an exact count (reading
 //! /proc/self/fd) when that hint or the last count comes near the warning level, and once a minute
-//! otherwise. When accept() fails with EMFILE, the hook first really closes old CLOSE_WAIT
-//! placeholders (close mode) and retries; failing that, and only if a connection is waiting, it
-//! uses a reserve fd to accept that connection and close it at once, so the client is not left
-//! hanging and a level-triggered loop does not spin. The program still gets EMFILE.
+//! otherwise. When accept() fails with EMFILE, the hook first frees the numbers of sockets the
+//! program is provably done with (close mode, see closewait) and retries; failing that, and only
+//! if a connection is waiting and no other process may share the listener (one that could serve
+//! it), it uses a reserve fd to accept that connection and close it at once, so the client is not
+//! left hanging and a level-triggered loop does not spin. The program still gets EMFILE.
 
 use crate::closewait;
 use crate::config::CloseWaitMode;
@@ -32,9 +33,10 @@ static SELECT_TOO_BIG: AtomicU64 = AtomicU64::new(0);
 
 /// What accept_failed did, in the deferred Emfile event.
 pub const EMFILE_NOTHING: i64 = 0;
-pub const EMFILE_FREED_PLACEHOLDERS: i64 = 1;
+pub const EMFILE_FREED: i64 = 1;
 pub const EMFILE_REJECTED_CONNECTION: i64 = 2;
 pub const EMFILE_NO_RESERVE: i64 = 3;
+pub const EMFILE_SHARED_LISTENER: i64 = 4;
 
 pub fn emfile_events() -> (u64, u64) {
     (EMFILE_EVENTS.load(Relaxed), EMFILE_REJECTED.load(Relaxed))
@@ -88,7 +90,8 @@ pub fn open_reserve() {
     if r >= 0 && ownfd::is_own(r) {
         return;
     }
-    if let Some(fd) = ownfd::dup_null() {
+    let Some(ep) = closewait::epoll_fd() else { return };
+    if let Some(fd) = ownfd::dup_own(ep) {
         if RESERVE.compare_exchange(r, fd, AcqRel, Acquire).is_err() {
             ownfd::close(fd);
         }
@@ -101,6 +104,18 @@ fn connection_pending(lfd: RawFd) -> bool {
     let mut p = [PollFd::new(&b, PollFlags::IN)];
     let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
     poll(&mut p, Some(&zero)).is_ok_and(|n| n > 0) && p[0].revents().contains(PollFlags::IN)
+}
+
+/// May another process hold this listener? Made before the latest fork, duplicated, inherited at
+/// exec or from systemd, or not tracked at all (unknown counts as shared).
+fn listener_maybe_shared(lfd: RawFd) -> bool {
+    fdtable::slot(lfd).is_none_or(|s| {
+        let m = s.load();
+        !m.is_tracked()
+            || m.role() != fdtable::Role::Listener
+            || m.has(fdtable::flag::SHARED)
+            || s.info().1 != fdtable::fork_epoch()
+    })
 }
 
 /// accept()/accept4() failed with EMFILE or ENFILE (errno `e`). `retry` calls the real accept
@@ -119,13 +134,9 @@ pub fn accept_failed(
         // under it, and every try fails although there is plenty to free a moment later.
         for _round in 0..4 {
             // Releases in this thread: a signal handler here must not close one half-way.
-            let blocked = sys::SignalsBlocked::all();
-            let (vacated, tried_v) = closewait::vacate_oldest(8);
-            let (released, tried_r) = closewait::release_now(rt, 4096);
-            drop(blocked);
-            let freed = vacated + released;
+            let (freed, tried) = closewait::vacate_forgotten(rt, 4096);
             if freed == 0 {
-                if tried_v + tried_r == 0 {
+                if tried == 0 {
                     break;
                 }
                 rustix::thread::sched_yield();
@@ -134,7 +145,7 @@ pub fn accept_failed(
             let r = retry();
             if r >= 0 {
                 accepted(r);
-                log::defer(Deferred::Emfile, lfd, EMFILE_FREED_PLACEHOLDERS, freed as i64);
+                log::defer(Deferred::Emfile, lfd, EMFILE_FREED, freed as i64);
                 return r;
             }
             let e2 = errno();
@@ -143,9 +154,25 @@ pub fn accept_failed(
             }
         }
     }
+    // keepfix gives back the fds it can do without: without keepfix those numbers would be free.
+    if ownfd::give_way() > 0 {
+        let r = retry();
+        if r >= 0 {
+            accepted(r);
+            return r;
+        }
+        let e2 = errno();
+        if e2 != libc::EMFILE && e2 != libc::ENFILE {
+            return r;
+        }
+    }
     // Never block where libc would not have: only with a connection already waiting.
     let mut action = EMFILE_NOTHING;
-    if connection_pending(lfd) {
+    if listener_maybe_shared(lfd) {
+        // Another process holding this listener (a prefork sibling, the parent that passed it
+        // on) may have fds to spare: the connection is theirs to serve, not ours to turn away.
+        action = EMFILE_SHARED_LISTENER;
+    } else if connection_pending(lfd) {
         let reserve = RESERVE.swap(-1, AcqRel);
         if reserve >= 0 && ownfd::is_own(reserve) {
             ownfd::close(reserve);
@@ -175,7 +202,6 @@ pub struct Census {
     pub other_sockets: u64,
     pub other_fds: u64,
     pub keepfix: u64,
-    pub placeholders: u64,
 }
 
 impl Census {
@@ -188,10 +214,6 @@ impl Census {
                 match s.load().state() {
                     State::Own => {
                         c.keepfix += 1;
-                        return;
-                    }
-                    State::Placeholder => {
-                        c.placeholders += 1;
                         return;
                     }
                     State::Tracked => tracked = true,
@@ -236,7 +258,7 @@ impl Census {
                     s(tcp_state::ESTABLISHED) + s(tcp_state::CLOSE_WAIT) + s(tcp_state::CLOSE) + s(tcp_state::LISTEN);
                 write!(
                     f,
-                    "tcp={} tcp_established={} tcp_close_wait={} tcp_close={} tcp_listen={} tcp_other={} other_sockets={} other_fds={} keepfix={} placeholders={}",
+                    "tcp={} tcp_established={} tcp_close_wait={} tcp_close={} tcp_listen={} tcp_other={} other_sockets={} other_fds={} keepfix={}",
                     c.tcp,
                     s(tcp_state::ESTABLISHED),
                     s(tcp_state::CLOSE_WAIT),
@@ -245,8 +267,7 @@ impl Census {
                     c.tcp.saturating_sub(named),
                     c.other_sockets,
                     c.other_fds,
-                    c.keepfix,
-                    c.placeholders
+                    c.keepfix
                 )
             }
         }
@@ -321,12 +342,12 @@ impl Monitor {
         MAX_FD_SEEN.store(-1, Relaxed);
         self.last_used = used;
         if close_mode {
-            // Placeholders keep the numbers the program believes it owns; they are really closed,
-            // oldest first, only when the table passes 90% of the limit, and then down to 75%.
+            // Numbers of sockets the program is provably done with are freed, oldest first, only
+            // when the table passes 90% of the limit, and then down to 75%.
             let high = soft.saturating_sub((soft / 10).max(2));
             if used >= high {
                 let want = used.saturating_sub(soft * 3 / 4) as usize;
-                let freed = closewait::vacate_oldest_many(want.max(1));
+                let freed = closewait::vacate_forgotten_many(rt, want.max(1));
                 if freed > 0 {
                     emit(
                         Level::Notice,

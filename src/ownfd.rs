@@ -1,24 +1,24 @@
-//! keepfix's own fds: the epoll set, the /dev/null that placeholders and the reserve come from,
-//! the reserve fd, the /proc/self/fd directory, and the log file or syslog socket.
+//! keepfix's own fds: the epoll set and the reserve fd (a duplicate of it), /proc/self/fd and
+//! /proc/self/status (given back to the program when accept() hits EMFILE), and the log file or
+//! syslog socket when configured.
 //!
-//! They are marked Own in the fd table, so the program's close(), close_range() and closefrom()
-//! pass them by, and they live just below min(soft limit, 1024), so that the numbers the program
-//! gets (lowest free first) are the ones it would get without keepfix. Opening a file gives the
-//! lowest free number, though, for an instant: so the long-lived fds are made before the watchdog
-//! thread exists (in the hook that starts it), and a later open moves its fd high at once.
+//! They live just below min(soft limit, 1024), so that the numbers the program gets (lowest free
+//! first) are the ones it would get without keepfix. Opening a file gives the lowest free number,
+//! though, for an instant: so the long-lived fds are made before the watchdog thread exists (in
+//! the hook that starts it), and a later open moves its fd high at once.
+//!
+//! The numbers are the program's. A close(), close_range() or closefrom() of one closes it and
+//! returns what it would for any open fd, and keepfix opens its own again elsewhere when it needs
+//! it. Each fd is marked Own in the fd table, and every system call keepfix makes on one is
+//! bracketed by [`with`]: Own → Own|BUSY → Own, by compare-and-swap. A program close() that comes
+//! during such a call is handed over (keepfix closes the number right after its call), so a call
+//! of keepfix's can never reach a file or socket the program opens at that number next.
 
 use crate::fdtable::{self, State};
 use crate::sys::{self, Fd};
 use core::sync::atomic::{AtomicI32, Ordering::*};
 use rustix::fd::{BorrowedFd, RawFd};
 use rustix::fs::{Mode, OFlags};
-
-/// /dev/null, read-write: what placeholders are dup3()ed from.
-static NULL: AtomicI32 = AtomicI32::new(-1);
-/// /proc/self/fd and /proc/self/status, and the pid they belong to (a forked child needs its own).
-static PROC_FD: AtomicI32 = AtomicI32::new(-1);
-static PROC_STATUS: AtomicI32 = AtomicI32::new(-1);
-static PROC_PID: AtomicI32 = AtomicI32::new(0);
 
 fn base() -> i32 {
     let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024);
@@ -45,15 +45,27 @@ pub fn is_own(fd: RawFd) -> bool {
     fdtable::slot(fd).is_some_and(|s| s.load().state() == State::Own)
 }
 
-/// Closes one of keepfix's own fds, if it still is one.
+/// Closes one of keepfix's own fds, if it still is one. The close is a use like any other: the
+/// number cannot change hands between the check and the close.
 pub fn close(fd: RawFd) {
     if let Some(s) = fdtable::slot(fd) {
-        if s.load().state() == State::Own {
-            s.clear_own();
+        if s.begin_own_use().is_some() {
             // Ours; EBADF in a forked child whose fork raced the open (see sys::close_raw).
             let _ = sys::close_raw(fd);
+            s.force_none();
         }
     }
+}
+
+/// Runs `f` on keepfix's own fd `fd`, if it still is one: the only way keepfix makes a system
+/// call on one of its long-lived fds. `None` if the program has taken the number.
+pub fn with<R>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Option<R> {
+    let s = fdtable::slot(fd)?;
+    let busy = s.begin_own_use()?;
+    // SAFETY: the number is keepfix's (Own, and BUSY holds it there) until end_own_use.
+    let r = f(unsafe { BorrowedFd::borrow_raw(fd) });
+    s.end_own_use(busy, fd);
+    Some(r)
 }
 
 /// In a forked child. fork() copies the fd table before memory while the parent's watchdog
@@ -63,15 +75,17 @@ pub fn close(fd: RawFd) {
 /// such a number later is its own. Async-signal-safe (a _Fork() child runs it from a hook).
 pub fn after_fork_child(keep: &[RawFd]) {
     fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
-        if s.load().state() != State::Own {
+        let m = s.load();
+        if m.state() != State::Own {
             return;
         }
         let present = sys::fd_exists(fd);
-        if present && keep.contains(&fd) {
+        if present && keep.contains(&fd) && !m.has(fdtable::flag::BUSY) {
             return;
         }
-        s.clear_own();
-        if present {
+        // A busy mark is the parent thread's: it never clears here.
+        s.force_none();
+        if present && !m.has(fdtable::flag::CLOSE_PENDING) {
             let _ = sys::close_raw(fd);
         }
     });
@@ -94,20 +108,20 @@ impl Temp {
         }
         Ok(Temp(fd.into_raw()))
     }
-    pub fn as_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: open while self lives (or the program's now, and then kernel-checked).
-        unsafe { BorrowedFd::borrow_raw(self.0) }
+    /// Runs `f` on the fd if it is still keepfix's (see [`with`]).
+    pub fn with<R>(&self, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Option<R> {
+        match fdtable::slot(self.0) {
+            Some(_) => with(self.0, f),
+            // SAFETY: the table had no room to mark it, so nothing could take it: ours.
+            None => Some(f(unsafe { BorrowedFd::borrow_raw(self.0) })),
+        }
     }
 }
 
 impl Drop for Temp {
     fn drop(&mut self) {
         match fdtable::slot(self.0) {
-            Some(s) if s.load().state() != State::Own => {}
-            Some(s) => {
-                s.clear_own();
-                let _ = sys::close_raw(self.0);
-            }
+            Some(_) => close(self.0),
             // Ours (the table had no room to mark it).
             None => {
                 let _ = sys::close_raw(self.0);
@@ -115,6 +129,11 @@ impl Drop for Temp {
         }
     }
 }
+
+/// /proc/self/fd and /proc/self/status, and the pid they belong to (a forked child needs its own).
+static PROC_FD: AtomicI32 = AtomicI32::new(-1);
+static PROC_STATUS: AtomicI32 = AtomicI32::new(-1);
+static PROC_PID: AtomicI32 = AtomicI32::new(0);
 
 fn cached(cell: &AtomicI32, open: impl FnOnce() -> Option<RawFd>) -> Option<RawFd> {
     let fd = cell.load(Acquire);
@@ -131,38 +150,29 @@ fn cached(cell: &AtomicI32, open: impl FnOnce() -> Option<RawFd>) -> Option<RawF
     }
 }
 
-/// Opens the long-lived fds the watchdog uses, from the hook that starts it: an open() takes
-/// the lowest free number for an instant, which on the watchdog's thread could race a program
-/// thread's own open() and hand it the next number instead.
+/// Opens the /proc files the watchdog reads every tick, from the hook that starts it: an open()
+/// takes the lowest free number for an instant, which on the watchdog's thread could race a
+/// program thread's own open() and hand it the next number instead.
 pub fn prepare() {
-    let _ = null();
-    let _ = proc_fd_dir();
+    let _ = fd_dir();
     let _ = fd_table_size();
 }
 
-/// The /dev/null placeholders are made from, opened on first use.
-pub fn null() -> Option<RawFd> {
-    cached(&NULL, || {
-        let f = rustix::fs::open("/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).ok()?;
-        install(sys::own(f))
-    })
+/// Gives the program back the fds keepfix can do without (the cached /proc files): accept() hit
+/// EMFILE, and those numbers would be free without keepfix. Returns how many it closed.
+pub fn give_way() -> usize {
+    [&PROC_FD, &PROC_STATUS]
+        .iter()
+        .filter(|c| {
+            let fd = c.swap(-1, AcqRel);
+            fd >= 0 && is_own(fd) && {
+                close(fd);
+                true
+            }
+        })
+        .count()
 }
 
-/// The /dev/null fd if it is open, without opening it.
-pub fn null_fd() -> RawFd {
-    NULL.load(Acquire)
-}
-
-/// A new high fd for /dev/null (the reserve), made without ever taking a low number.
-pub fn dup_null() -> Option<RawFd> {
-    let n = sys::borrow(null()?)?;
-    let fd = sys::own(rustix::io::fcntl_dupfd_cloexec(n, base()).ok()?);
-    fdtable::slot_alloc(fd.raw())?.set_own();
-    Some(fd.into_raw())
-}
-
-/// The /proc files of this process the watchdog reads every tick, kept open so that reading them
-/// takes no new fd. Inherited across fork they are the parent's: a child opens its own.
 fn proc_file(cell: &AtomicI32, path: &str, flags: OFlags) -> Option<RawFd> {
     let pid = sys::getpid();
     if PROC_PID.load(Relaxed) != pid {
@@ -181,18 +191,33 @@ fn fd_dir() -> Option<RawFd> {
     proc_file(&PROC_FD, "/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY)
 }
 
-/// The open /proc/self/fd directory of this process, rewound, for the watchdog's scans.
+/// A new high duplicate of keepfix's own fd `src` (the reserve, from the epoll fd), made without
+/// ever taking a low number, and marked Own.
+pub fn dup_own(src: RawFd) -> Option<RawFd> {
+    let fd = with(src, |n| rustix::io::fcntl_dupfd_cloexec(n, base()).ok())??;
+    let fd = sys::own(fd);
+    fdtable::slot_alloc(fd.raw())?.set_own();
+    Some(fd.into_raw())
+}
+
+/// A private duplicate of the program's fd `fd`, at a high number (never the lowest free one a
+/// program thread may be about to get), closed by raw syscall when dropped. Not marked Own: it is
+/// used and closed by the same call of keepfix's.
+pub fn dup_high(fd: RawFd) -> Option<Fd> {
+    rustix::io::fcntl_dupfd_cloexec(sys::borrow(fd)?, base()).ok().map(sys::own)
+}
+
+/// The open /proc/self/fd directory of this process, for the watchdog's scans (each call on it
+/// through [`with`]).
 pub fn proc_fd_dir() -> Option<RawFd> {
-    let fd = fd_dir()?;
-    rustix::fs::seek(sys::borrow(fd)?, rustix::fs::SeekFrom::Start(0)).ok()?;
-    Some(fd)
+    fd_dir()
 }
 
 /// The number of open fds of this process, for one fstat: since Linux 6.2 the size of
 /// /proc/PID/fd is that count (the kernel weighs its open-fd bitmap), where reading the directory
 /// costs about a microsecond per fd. `None` on older kernels, which report 0.
 pub fn open_fd_count() -> Option<u64> {
-    let st = rustix::fs::fstat(sys::borrow(fd_dir()?)?).ok()?;
+    let st = with(fd_dir()?, |d| rustix::fs::fstat(d).ok())??;
     u64::try_from(st.st_size).ok().filter(|&n| n > 0)
 }
 
@@ -201,7 +226,7 @@ pub fn open_fd_count() -> Option<u64> {
 pub fn fd_table_size() -> Option<u64> {
     let fd = proc_file(&PROC_STATUS, "/proc/self/status", OFlags::RDONLY)?;
     let mut buf = [0u8; 2048];
-    let n = rustix::io::pread(sys::borrow(fd)?, &mut buf, 0).ok()?;
+    let n = with(fd, |f| rustix::io::pread(f, &mut buf, 0).ok())??;
     let text = core::str::from_utf8(buf.get(..n)?).ok()?;
     let rest = text.get(text.find("FDSize:")? + 7..)?;
     rest.split_whitespace().next()?.parse().ok()

@@ -232,6 +232,8 @@ pub mod tcp_state {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TcpInfo {
     pub state: u8,
+    /// Milliseconds since the last data was sent (by any process holding the socket).
+    pub last_data_sent_ms: u32,
     /// Milliseconds since the last data arrived (a FIN alone does not count).
     pub last_data_recv_ms: u32,
 }
@@ -242,9 +244,65 @@ pub fn tcp_info(fd: RawFd) -> Result<TcpInfo, Errno> {
     if n < 8 {
         return Err(Errno::INVAL);
     }
-    // Offsets in struct tcp_info (include/uapi/linux/tcp.h): tcpi_state 0, tcpi_last_data_recv 52.
-    let last = b.get(52..56).and_then(|s| s.try_into().ok()).map_or(0, u32::from_ne_bytes);
-    Ok(TcpInfo { state: b[0], last_data_recv_ms: if n >= 56 { last } else { 0 } })
+    // Offsets in struct tcp_info (include/uapi/linux/tcp.h): tcpi_state 0, tcpi_last_data_sent
+    // 44, tcpi_last_data_recv 52. A field the kernel did not fill reads as "long ago" for sent
+    // (never more careful than the call it came from) and 0 for received.
+    let field = |at: usize| b.get(at..at + 4).and_then(|s| s.try_into().ok()).map(u32::from_ne_bytes);
+    Ok(TcpInfo {
+        state: b[0],
+        last_data_sent_ms: if n >= 48 { field(44).unwrap_or(0) } else { 0 },
+        last_data_recv_ms: if n >= 56 { field(52).unwrap_or(0) } else { 0 },
+    })
+}
+
+/// Bytes in the socket's send queue, unsent or sent and not yet acknowledged (SIOCOUTQ). An
+/// error counts as "some": the caller then leaves the socket alone.
+pub fn unsent_bytes(fd: RawFd) -> u32 {
+    const SIOCOUTQ: usize = 0x5411;
+    let mut n: c_int = 0;
+    // SAFETY: the kernel writes one int.
+    let r = unsafe { syscall5(libc::SYS_ioctl as usize, [fd as usize, SIOCOUTQ, (&raw mut n) as usize, 0, 0]) };
+    match check(r) {
+        Ok(_) => n.max(0) as u32,
+        Err(_) => u32::MAX,
+    }
+}
+
+/// Would a write to a shut-down socket kill the program? True when SIGPIPE has its default
+/// disposition (or it cannot be read): the plain program's first write to a dead connection
+/// succeeds, so keepfix must not be the one that raises SIGPIPE. rt_sigaction as a raw syscall,
+/// reading only.
+pub fn sigpipe_kills() -> bool {
+    // struct kernel_sigaction: handler, flags, restorer, mask (8 bytes on x86_64 and aarch64).
+    let mut old = [0usize; 4];
+    // SAFETY: a query (no new action); the kernel writes the old one into `old`.
+    let r = unsafe {
+        syscall5(libc::SYS_rt_sigaction as usize, [libc::SIGPIPE as usize, 0, (&raw mut old) as usize, 8, 0])
+    };
+    check(r).is_err() || old[0] == libc::SIG_DFL
+}
+
+/// Sets SO_LINGER off: the close that follows returns at once and the kernel still delivers
+/// what is queued, instead of waiting inside close().
+pub fn linger_off(fd: RawFd) {
+    if let Some(b) = borrow(fd) {
+        if rustix::net::sockopt::socket_linger(b).is_ok_and(|l| l.is_some()) {
+            let _ = rustix::net::sockopt::set_socket_linger(b, None);
+        }
+    }
+}
+
+/// Does thread `tid` of this process still exist? tgkill with signal 0 (nothing is sent).
+pub fn thread_alive(tid: i32) -> bool {
+    // SAFETY: plain integers; signal 0 only checks.
+    let r = unsafe { syscall5(libc::SYS_tgkill as usize, [getpid() as usize, tid as usize, 0, 0, 0]) };
+    check(r).is_ok() || r != -(libc::ESRCH as isize)
+}
+
+/// A precise monotonic clock in microseconds (vDSO), for the few bounded waits in hooks.
+pub fn now_us() -> u64 {
+    let t = clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64).wrapping_mul(1_000_000).wrapping_add((t.tv_nsec / 1000) as u64)
 }
 
 /// clock_gettime through the vDSO, or a raw syscall when the process has no usable vDSO.

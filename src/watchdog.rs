@@ -120,7 +120,7 @@ pub fn after_fork_child() {
     }
     // Releases the parent had under way first: the rest may touch those slots.
     crate::fdtable::after_fork_child();
-    let keep = [ownfd::null_fd(), nofile::reserve_fd(), log::own_fd()];
+    let keep = [nofile::reserve_fd(), log::own_fd()];
     ownfd::after_fork_child(&keep);
     closewait::after_fork_child();
 }
@@ -202,7 +202,13 @@ pub fn report_deferred(monitor: &nofile::Monitor) {
                 errno_name(b as i32)
             ),
         ),
-        Deferred::StuckRelease => emit(Level::Err, format_args!("internal_error what=release_stuck_5s")),
+        Deferred::StuckRelease => emit(
+            Level::Warning,
+            format_args!(
+                "watchdog_stalled waited_us={} note=\"a hook found keepfix's thread inside a release or a use of its own fd for longer than this; the program's call went on without it (a close was handed over, a dup2 got EBUSY); logged once\"",
+                crate::fdtable::WAIT_US
+            ),
+        ),
         Deferred::SelectTooBig => emit(
             Level::Err,
             format_args!(
@@ -212,14 +218,15 @@ pub fn report_deferred(monitor: &nofile::Monitor) {
         ),
         Deferred::Emfile => {
             let action = match a {
-                nofile::EMFILE_FREED_PLACEHOLDERS => "freed_placeholders_and_accepted",
+                nofile::EMFILE_FREED => "freed_and_accepted",
+                nofile::EMFILE_SHARED_LISTENER => "none_shared_listener",
                 nofile::EMFILE_REJECTED_CONNECTION => "rejected_pending_connection",
                 nofile::EMFILE_NO_RESERVE => "none_no_reserve_fd",
                 _ => "none_no_pending_connection",
             };
             let (soft, _) = nofile::limits();
             let c = census.get_or_insert_with(nofile::Census::take);
-            let what = if a == nofile::EMFILE_FREED_PLACEHOLDERS {
+            let what = if a == nofile::EMFILE_FREED {
                 format!("freed={b}")
             } else {
                 format!("errno={}", errno_name(b as i32))
@@ -236,7 +243,7 @@ pub fn report_deferred(monitor: &nofile::Monitor) {
         Deferred::ReleasedAtEmfile => emit(
             Level::Notice,
             format_args!(
-                "close_wait fd={fd} peer=- local=- age=0s state={} unread=0 action=closed reason=emfile",
+                "close_wait fd={fd} peer=- local=- age=0s state={} unread=0 action=vacated reason=emfile",
                 sys::tcp_state::name(a as u8)
             ),
         ),

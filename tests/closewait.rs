@@ -1,6 +1,10 @@
-//! CLOSE_WAIT (issue 3): sockets a program forgot are found, logged, shut down or released, for
+//! CLOSE_WAIT (issue 3): sockets a program forgot are found, logged, shut down or freed, for
 //! every shape of program, without ever losing data or touching an fd the program still uses.
 //! Checked from outside: /proc/net/tcp, /proc/PID/fd, the clients' own sockets.
+//!
+//! Close mode (issue 11's rules): a suspect is shut down (our FIN) once quiet and not in use, and
+//! stays at its number; numbers are freed ("vacated") only near the fd limit or at EMFILE, and
+//! only for sockets whose end the program itself read. tests/harm.rs tries to break those rules.
 mod common;
 use common::*;
 use std::io::{Read, Write};
@@ -73,7 +77,10 @@ fn close_mode_leaves_no_close_wait_and_other_fds_keep_working() {
         std::thread::sleep(Duration::from_millis(10));
     }
     eventually("no CLOSE_WAIT left", Duration::from_secs(5), || in_close_wait(p.pid()) == 0);
-    assert_eq!(connection_sockets(p.pid()), 0, "every leaked socket was released");
+    // Shut-down sockets keep their numbers until the table nears its limit: then the oldest are
+    // freed (vacated) down to 75%, so the table never fills.
+    let held = connection_sockets(p.pid());
+    assert!(held < 1024 * 9 / 10, "{held} sockets still held under a 1024-fd limit");
     // The program keeps serving afterwards.
     leak_clients(port, 5);
     let m = await_metrics(dir.path(), p.pid());
@@ -143,7 +150,8 @@ fn unread_data_is_delivered_to_a_slow_reader() {
     assert_eq!(field(&read, "bytes"), payload.len().to_string());
     // Once read, it is released like any other.
     eventually("released after the read", Duration::from_secs(5), || in_close_wait(p.pid()) == 0);
-    p.wait_log(&["close_wait fd=", "action=closed"], Duration::from_secs(5));
+    // Its pongs to the closed client drew a reset: dead, reported as such.
+    p.wait_log(&["close_wait fd=", "action=dead"], Duration::from_secs(5));
 }
 
 #[test]
@@ -156,26 +164,28 @@ fn unread_drop_releases_at_once() {
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.write_all(b"lost\n").unwrap();
     drop(c);
-    p.wait_log(&["close_wait fd=", "unread=5", "action=closed"], Duration::from_secs(5));
+    p.wait_log(&["close_wait fd=", "unread=5", "action=shutdown"], Duration::from_secs(5));
     assert_eq!(in_close_wait(p.pid()), 0);
 }
 
 #[test]
 fn queued_output_is_delivered_before_our_fin() {
-    // The client sends many lines and half-closes, without reading: the server answers into a
-    // full window and leaks. keepfix releases it, and the client must still get every answer,
-    // then a clean EOF: no reset from our close.
+    // The client sends many lines and half-closes, without reading yet: the server answers into
+    // a full window and leaks. While answers are unsent keepfix leaves the socket alone (in use);
+    // once the client has read them all, keepfix shuts it down: a clean EOF, no reset.
     let mut p = close_mode("leak_eof_server").args(["0"]).spawn();
     let port = p.port();
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let lines = 60_000;
     c.write_all(&b"p\n".repeat(lines)).unwrap();
     c.shutdown(std::net::Shutdown::Write).unwrap();
-    p.wait_log(&["close_wait fd=", "action=closed"], Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(p.log_lines("action=shutdown").is_empty(), "keepfix shut down a socket with unsent data");
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut got = Vec::new();
     c.read_to_end(&mut got).expect("the client got a reset instead of the data and a FIN");
     assert_eq!(got.len(), lines * 5, "every pong arrived");
+    p.wait_log(&["close_wait fd=", "action=shutdown"], Duration::from_secs(5));
 }
 
 #[test]
@@ -218,9 +228,13 @@ fn sockets_reset_by_the_peer_are_released_too() {
         p.expect("ACCEPT");
         close_with_rst(c);
     }
-    // Reset sockets are in CLOSE: gone from /proc/net/tcp, but the fds stay open without keepfix.
-    p.wait_log(&["close_wait fd=", "peer=127.0.0.1:", "state=CLOSE ", "action=closed"], Duration::from_secs(5));
-    eventually("no socket left but the listener", Duration::from_secs(5), || connection_sockets(p.pid()) == 0);
+    // Reset sockets are in CLOSE: gone from /proc/net/tcp, but the fds stay open. keepfix reports
+    // them (ss cannot see them); it frees their numbers only once the program has read their end.
+    for _ in 0..4 {
+        p.wait_log(&["close_wait fd=", "peer=127.0.0.1:", "state=CLOSE ", "action=dead"], Duration::from_secs(5));
+    }
+    eventually("four dead sockets reported", Duration::from_secs(5), || p.log_lines("action=dead").len() == 4);
+    assert_eq!(connection_sockets(p.pid()), 4, "this server never read them: the numbers stay its own");
 }
 
 #[test]
@@ -259,7 +273,7 @@ fn thread_per_connection_server() {
     let port = p.port();
     leak_clients(port, 10);
     eventually("no CLOSE_WAIT", Duration::from_secs(5), || {
-        in_close_wait(p.pid()) == 0 && p.log_lines("action=closed").len() >= 10
+        in_close_wait(p.pid()) == 0 && p.log_lines("action=shutdown").len() >= 10
     });
     leak_clients(port, 2);
 }
@@ -270,7 +284,7 @@ fn epoll_edge_triggered_server_that_ignores_rdhup() {
     let port = p.port();
     leak_clients(port, 10);
     eventually("no CLOSE_WAIT", Duration::from_secs(5), || {
-        in_close_wait(p.pid()) == 0 && p.log_lines("action=closed").len() >= 10
+        in_close_wait(p.pid()) == 0 && p.log_lines("action=shutdown").len() >= 10
     });
     // It keeps serving, and does not spin on anything keepfix left behind.
     let before = cpu_ticks(p.pid());
@@ -286,10 +300,8 @@ fn prefork_workers_are_covered() {
     let port = p.port();
     leak_clients(port, 12);
     eventually("no CLOSE_WAIT in any worker", Duration::from_secs(5), || {
-        workers.iter().all(|&w| in_close_wait(w) == 0) && p.log_lines("action=closed").len() >= 12
+        workers.iter().all(|&w| in_close_wait(w) == 0) && p.log_lines("action=shutdown").len() >= 12
     });
-    let total: usize = workers.iter().map(|&w| connection_sockets(w)).sum();
-    assert_eq!(total, 0);
 }
 
 #[test]
@@ -299,9 +311,9 @@ fn outbound_connection_pool_is_covered() {
     let mut pool = close_mode("pool_client").args(["127.0.0.1", &port.to_string(), "4"]).spawn();
     pool.expect("READY");
     // The server closes each pooled connection; the pool never notices: CLOSE_WAIT on our side.
-    pool.wait_log(&["close_wait fd=", "action=closed"], Duration::from_secs(5));
+    pool.wait_log(&["close_wait fd=", "action=shutdown"], Duration::from_secs(5));
     eventually("the pool's dead connections released", Duration::from_secs(5), || {
-        in_close_wait(pool.pid()) == 0 && pool.log_lines("action=closed").len() == 4
+        in_close_wait(pool.pid()) == 0 && pool.log_lines("action=shutdown").len() == 4
     });
     // The program finds out on its next use, the normal way: EOF.
     pool.send("use");
@@ -317,9 +329,12 @@ fn a_socket_moved_with_dup2_is_released_at_its_new_number() {
     p.send("move");
     p.expect("MOVED");
     drop(c);
-    let l = p.wait_log(&["close_wait fd=200", "action="], Duration::from_secs(5));
-    assert!(l.contains("action=closed"), "{l}");
-    assert_eq!(std::fs::read_link(format!("/proc/{}/fd/200", p.pid())).unwrap().to_str(), Some("/dev/null"));
+    let l = p.wait_log(&["close_wait fd=200", "action="], Duration::from_secs(8));
+    assert!(l.contains("action=shutdown"), "{l}");
+    // Shut down where it is: still a socket at 200, no longer in CLOSE_WAIT.
+    let at_200 = std::fs::read_link(format!("/proc/{}/fd/200", p.pid())).unwrap();
+    assert!(at_200.to_str().unwrap().starts_with("socket:"), "{at_200:?}");
+    assert_eq!(in_close_wait(p.pid()), 0);
 }
 
 #[test]
@@ -339,7 +354,8 @@ fn many_leaks_are_summarised_not_flooded() {
 fn an_inherited_connection_is_watched_from_before_main() {
     // inetd style, and a program that makes no socket call at all (sleep): its connection on
     // fds 0 and 1 is adopted at load, and the watchdog starts just before main() (keepfix wraps
-    // main through __libc_start_main). When the peer closes, both numbers are released.
+    // main through __libc_start_main). When the peer closes, keepfix shuts the connection down:
+    // inherited, it may be shared with the launcher, so only after 2 s without data sent.
     let inetd = c_program("inetd_launch");
     let mut p = Run::path(inetd)
         .plain()
@@ -348,15 +364,16 @@ fn an_inherited_connection_is_watched_from_before_main() {
         .args(["-e", "KEEPFIX_SCAN_INTERVAL=100ms", "0", "--", "/bin/sleep", "20"])
         .spawn();
     let port = p.port();
-    let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let pid = p.pid();
     eventually("sleep exec'd", Duration::from_secs(5), || {
         std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
     });
-    drop(c);
-    let target = |fd: i32| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok();
-    eventually("fds 0 and 1 released", Duration::from_secs(5), || {
-        [0, 1].iter().all(|&fd| target(fd).is_some_and(|t| t == std::path::Path::new("/dev/null")))
-    });
-    eventually("two action=closed lines", Duration::from_secs(5), || p.log_lines("action=closed").len() == 2);
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    // sleep leaves SIGPIPE at its default: after our FIN its next write would kill it, where the
+    // plain program's first write would succeed. keepfix says so and leaves the socket as it is.
+    p.wait_log(&["close_wait fd=", "action=kept_sigpipe"], Duration::from_secs(8));
+    c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut b = [0u8; 1];
+    assert!(c.read(&mut b).is_err(), "keepfix sent a FIN to a program that SIGPIPE would kill");
 }

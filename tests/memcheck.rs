@@ -177,7 +177,9 @@ fn leaky_server_with_close_mode_releasing_sockets() {
     // Older than a scan tick, so the watchdog watches them; then the peers leave.
     std::thread::sleep(Duration::from_millis(1500));
     drop(held);
-    eventually("keepfix released the 4 sockets", Duration::from_secs(60), || m.p.log_lines("action=closed").len() == 4);
+    eventually("keepfix released the 4 sockets", Duration::from_secs(60), || {
+        m.p.log_lines("action=shutdown").len() == 4
+    });
     finish_and_check(m);
 }
 

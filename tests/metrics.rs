@@ -210,9 +210,9 @@ fn metrics_match_the_program_and_keepfix_status_and_go_at_exit() {
         drop(ping(port)); // the server never closes its end: keepfix releases it
     }
     let file = dir.file_of(pid);
-    eventually("the metrics file counts 3 released sockets", Duration::from_secs(10), || {
+    eventually("the metrics file counts 3 sockets shut down", Duration::from_secs(10), || {
         read_metrics(&file)
-            .is_some_and(|m| value(&m, "keepfix_close_wait_actions_total", &[("action", "closed")]) == 3.0)
+            .is_some_and(|m| value(&m, "keepfix_close_wait_actions_total", &[("action", "shutdown")]) == 3.0)
     });
     eventually("no socket left in CLOSE_WAIT", Duration::from_secs(5), || {
         tcp_fds(pid).iter().all(|t| t.state != CLOSE_WAIT)
@@ -229,8 +229,12 @@ fn metrics_match_the_program_and_keepfix_status_and_go_at_exit() {
     }
     assert_eq!(value(&m, "keepfix_up", &[]), 1.0);
     assert_eq!(value(&m, "keepfix_close_wait_found_total", &[]), LEAKED as f64);
-    assert_eq!(value(&m, "keepfix_close_wait_actions_total", &[("action", "closed")]), LEAKED as f64);
-    assert_eq!(value(&m, "keepfix_sockets", &[("state", "released")]), LEAKED as f64, "placeholders hold the numbers");
+    assert_eq!(value(&m, "keepfix_close_wait_actions_total", &[("action", "shutdown")]), LEAKED as f64);
+    assert_eq!(
+        value(&m, "keepfix_sockets", &[("state", "released")]),
+        LEAKED as f64,
+        "shut down, the numbers still the program's"
+    );
     assert_eq!(value(&m, "keepfix_sockets", &[("state", "close_wait")]), 0.0);
     assert_eq!(value(&m, "keepfix_sockets", &[("state", "listen")]), 1.0);
     assert_eq!(value(&m, "keepfix_tracked_sockets", &[("role", "listener")]), 1.0);

@@ -68,10 +68,11 @@ fn the_breakdown_tells_close_wait_from_files() {
     assert_eq!(n("tcp_established"), 5, "{line}");
     assert_eq!(n("tcp_listen"), 1, "{line}");
     assert_eq!(n("tcp"), 9, "{line}");
-    assert_eq!(n("keepfix"), 6, "{line}");
+    // The epoll set, the reserve, /proc/self/fd and /proc/self/status.
+    assert_eq!(n("keepfix"), 4, "{line}");
     assert_eq!(n("other_fds") + n("keepfix"), not_sockets, "{line}");
     assert_eq!(n("used"), fd_count(p.pid()), "{line}");
-    assert_eq!(n("used"), n("tcp") + n("other_sockets") + n("other_fds") + n("keepfix") + n("placeholders"), "{line}");
+    assert_eq!(n("used"), n("tcp") + n("other_sockets") + n("other_fds") + n("keepfix"), "{line}");
     drop(held);
 }
 
@@ -81,6 +82,10 @@ fn full_table(run: Run) -> (u64, bool, String) {
     let mut p = run.args(["--nofile", "128", "0"]).spawn();
     let port = p.port();
     p.expect("FILLED");
+    // The program filled its table around keepfix's fds: at the first EMFILE keepfix gives back
+    // the two it can do without (/proc files), and the program accepts one or two connections
+    // there, as it would have without keepfix. The next one meets a table that is really full.
+    give_way(&mut p, port);
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let t0 = Instant::now();
     let before = cpu_ticks(p.pid());
@@ -96,6 +101,18 @@ fn full_table(run: Run) -> (u64, bool, String) {
     let (lines, _) = p.stop();
     let stats = lines.into_iter().find(|l| l.starts_with("STATS")).unwrap_or_default();
     (used, closed, stats)
+}
+
+/// Connects until the program stops accepting (keepfix has given back what it can).
+fn give_way(p: &mut Proc, port: u16) -> Vec<std::net::TcpStream> {
+    let mut held = vec![];
+    for _ in 0..3 {
+        held.push(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+        if p.lines_for(Duration::from_millis(300)).iter().all(|l| !l.starts_with("ACCEPT")) {
+            break;
+        }
+    }
+    held
 }
 
 #[test]
@@ -121,6 +138,7 @@ fn emfile_is_logged_with_the_breakdown() {
     let mut p = Run::new("fdfill_poll").args(["--nofile", "128", "0"]).spawn();
     let port = p.port();
     p.expect("FILLED");
+    let _held = give_way(&mut p, port);
     let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let l = p.wait_log(&["emfile listener=", "action=rejected_pending_connection"], Duration::from_secs(5));
     assert!(l.contains("limit=128") && l.contains("other_fds="), "{l}");

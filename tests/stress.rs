@@ -151,7 +151,7 @@ fn signal_handlers_close_and_dup_while_hooks_run() {
     let (hits, lp, _, m) = run_signals(run, 4, Some(&dir));
     assert_hits(&hits);
     let m = m.unwrap();
-    let closed = metric(&m, "keepfix_close_wait_actions_total{action=\"closed\"}");
+    let closed = metric(&m, "keepfix_close_wait_actions_total{action=\"shutdown\"}");
     let closed_by_program = metric(&m, "keepfix_released_closed_by_program_total");
     // The program closes every leaked connection late (both the main loop's and the handler's):
     // keepfix released hundreds first, and those closes of placeholders returned 0 (checked).
@@ -201,7 +201,7 @@ fn fd_reuse_under_auto_close_prompt_and_late_closes() {
     // (250 ms), so keepfix releases them while the program may close them at any moment.
     let c = run_churn(true, "5,0", 8, 19000, 4000);
     let m = c.metrics.as_ref().unwrap();
-    let closed = metric(m, "keepfix_close_wait_actions_total{action=\"closed\"}");
+    let closed = metric(m, "keepfix_close_wait_actions_total{action=\"shutdown\"}");
     assert!(closed >= 1000.0, "keepfix released only {closed} sockets: {}", c.stats);
     assert!(metric(m, "keepfix_released_closed_by_program_total") >= 1000.0, "{}", c.stats);
     assert!(num(&c.stats, "file_rounds") >= 2000, "{}", c.stats);
@@ -215,11 +215,11 @@ fn fd_reuse_under_auto_close_with_leaks_and_vacating() {
     let plain = run_churn(false, "5,3", 2, 256, 16);
     assert!(num(&plain.stats, "emfile") > 0, "the leak should exhaust the fds without keepfix: {}", plain.stats);
     // With keepfix, in close mode, at once, the watchdog waking every 2 ms: it releases the leaked
-    // sockets and, the table being small, really closes old placeholders (vacate) of the leaked
+    // sockets and, the table being small, frees the numbers (vacate) of the leaked
     // ones (whose EOF the program read), never of the late ones it will still close.
     let c = run_churn(true, "5,3", 12, 256, 16);
     let m = c.metrics.as_ref().unwrap();
-    let closed = metric(m, "keepfix_close_wait_actions_total{action=\"closed\"}");
+    let closed = metric(m, "keepfix_close_wait_actions_total{action=\"shutdown\"}");
     let vacated = metric(m, "keepfix_close_wait_actions_total{action=\"vacated\"}");
     let vacate_lines = c.stderr.lines().filter(|l| l.contains(": vacate count=")).count();
     assert!(closed >= 5000.0 && vacated >= 2000.0, "keepfix did not act enough: closed={closed} vacated={vacated}");
@@ -287,8 +287,11 @@ fn fork_vfork_spawn_exec_and_threads_under_churn() {
     {
         assert!(num(&r.stats, what) >= min, "{what}: {}", r.stats);
     }
-    let closed = metric(&r.metrics, "keepfix_close_wait_actions_total{action=\"closed\"}");
-    assert!(closed >= 1000.0, "the parent's watchdog released only {closed} sockets");
+    // The parent's watchdog saw its churned sockets fall into CLOSE_WAIT. It shuts few of them
+    // down: each was dup()ed and the process forks all the time, so each may be shared, and is
+    // only released after 2 s without data sent (issue 11, I2); the program closes it sooner.
+    let found = metric(&r.metrics, "keepfix_close_wait_found_total");
+    assert!(found >= 1000.0, "the parent's watchdog found only {found} sockets in CLOSE_WAIT");
     // Each forked worker's own watchdog released its leaked socket (seen from its /proc).
     let leaks = lines_with(&r.lines, "CHILD_LEAK");
     assert_eq!(leaks.len(), 25, "{leaks:#?}");
@@ -296,9 +299,10 @@ fn fork_vfork_spawn_exec_and_threads_under_churn() {
         assert_eq!(field(l, "released"), "1", "{l}");
     }
     // The exec chain: each image loaded keepfix afresh and adopted the inherited connection; the
-    // last one's own setting (KEEPFIX_IDLE=80) is on the socket, read from outside.
+    // last one's own setting (KEEPFIX_IDLE=40, each image stricter than the one before: the
+    // stricter value wins) is on the socket, read from outside.
     let (leaf_pid, leaf_ka) = r.leaf;
-    assert_eq!(leaf_ka, ka(80, 10, 6), "the exec'd image did not configure the socket it inherited");
+    assert_eq!(leaf_ka, ka(40, 10, 6), "the exec'd image did not configure the socket it inherited");
     let adopted = log_of(&r.stderr, leaf_pid, "adopt fd=3 ");
     assert!(!adopted.is_empty() && adopted[0].contains("action=keepalive_on"), "{adopted:#?}");
 }
@@ -468,9 +472,10 @@ fn soak_short_connections_through_a_leaky_server() {
     assert!(rss_max <= rss_warm + 1024, "server RSS grew from {rss_warm} kB to {rss_max} kB");
     let table_max = samples.iter().map(|s| s.3).fold(0.0, f64::max);
     assert!(table_max <= 32768.0 && metric(&m, "keepfix_table_bytes") <= 32768.0, "keepfix's table: {table_max} bytes");
-    // keepfix did the work: every connection released (or vacated at EMFILE).
-    let closed = metric(&m, "keepfix_close_wait_actions_total{action=\"closed\"}");
-    assert!(closed >= 0.95 * n as f64, "keepfix released {closed} of {n}");
+    // keepfix did the work: under a 1024-fd limit, the number of nearly every connection was
+    // freed (vacated: the program had read its EOF, and it was done with it).
+    let vacated = metric(&m, "keepfix_close_wait_actions_total{action=\"vacated\"}");
+    assert!(vacated >= 0.95 * n as f64, "keepfix freed {vacated} of {n} numbers");
     // Nothing lost: every client served, the server saw every connection and no error.
     let others: Vec<&String> =
         seen.iter().filter(|l| !l.starts_with("READY") && !l.starts_with("STATS")).take(20).collect();
@@ -494,11 +499,11 @@ fn soak_short_connections_through_a_leaky_server() {
 fn a_pooled_connection_keepfix_released_is_never_vacated_under_the_pool() {
     let _g = serial();
     // A pooled connection the pool has not yet noticed is dead (it never read the EOF): keepfix
-    // releases it (a placeholder keeps the number); the fd table then passes 90% of the limit,
-    // where keepfix really closes ("vacates") old placeholders. Were this one vacated, the next
+    // shuts it down (the socket keeps its number); the fd table then passes 90% of the limit,
+    // where keepfix really closes ("vacates") numbers of forgotten sockets. Were this one vacated, the next
     // file the program opens would get the number, the pool's next use would write its request
     // into that file and its close() would close it. Only placeholders of sockets whose end the
-    // program had read are vacated (tests/closewait.rs and tests/nofile.rs show those are).
+    // program had read itself are vacated (tests/closewait.rs and tests/harm.rs show those are).
     let dir = TempDir::new("vacate");
     let p = close_mode_busy(Run::new("stress_vacate_reuse"), "10ms").nofile(64).args([dir.str()]).spawn();
     let (lines, status) = p.finish();

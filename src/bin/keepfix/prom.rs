@@ -70,7 +70,7 @@ pub fn read(path: &Path) -> Option<KeepfixFigures> {
         age_seconds,
         close_wait_found: value("keepfix_close_wait_found_total", None),
         close_wait_held: value("keepfix_sockets", Some(("state", "close_wait"))),
-        released: value("keepfix_close_wait_actions_total", Some(("action", "closed"))),
+        released: value("keepfix_close_wait_actions_total", Some(("action", "shutdown"))),
         shut_down: value("keepfix_close_wait_actions_total", Some(("action", "shutdown"))),
         emfile_events: value("keepfix_emfile_total", None),
         fds_used: value("keepfix_fds_used", None),
