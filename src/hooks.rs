@@ -86,6 +86,7 @@ hooks! {
     fn setrlimit64(resource: c_int, rlim: *const rlimit) -> c_int => on_setrlimit64;
     fn prlimit(pid: libc::pid_t, resource: c_int, new: *const rlimit, old: *mut rlimit) -> c_int => on_prlimit;
     fn prlimit64(pid: libc::pid_t, resource: c_int, new: *const rlimit, old: *mut rlimit) -> c_int => on_prlimit64;
+    fn fork() -> c_int => on_fork;
 }
 
 // --- Sockets ----------------------------------------------------------------------------------
@@ -370,6 +371,32 @@ fn dup_onto(old: c_int, new: c_int, call: &mut dyn FnMut() -> c_int) -> c_int {
     }
     copy_entry(old, new, m);
     r
+}
+
+/// fork(): when it fails with EAGAIN (the program's task limit) while keepfix's thread holds a
+/// task, the thread gives it back and the fork is retried once (watchdog::give_way).
+unsafe fn on_fork(_rt: &'static Runtime) -> c_int {
+    // SAFETY: the real fork().
+    let pid = unsafe { real::fork() };
+    if pid > 0 {
+        watchdog::after_fork_parent();
+    }
+    if pid >= 0 || errno() != libc::EAGAIN {
+        return pid;
+    }
+    let gave_way = {
+        let _errno = sys::ErrnoGuard::save();
+        watchdog::give_way()
+    };
+    if !gave_way {
+        return pid;
+    }
+    // SAFETY: the real fork(), again.
+    let pid = unsafe { real::fork() };
+    if pid > 0 {
+        watchdog::after_fork_parent();
+    }
+    pid
 }
 
 unsafe fn on_dup2(_rt: &'static Runtime, old: c_int, new: c_int) -> c_int {

@@ -46,6 +46,8 @@ pub enum Deferred {
     RlimitChanged = 6,
     /// accept() hit EMFILE and released a socket left in CLOSE_WAIT at once; a = TCP state.
     ReleasedAtEmfile = 7,
+    /// fork()ed children get no watchdog (a task limit is near); a = RLIMIT_NPROC, b = system tasks.
+    ChildrenWithoutWatchdog = 8,
 }
 
 impl Deferred {
@@ -58,6 +60,7 @@ impl Deferred {
             5 => Deferred::Emfile,
             6 => Deferred::RlimitChanged,
             7 => Deferred::ReleasedAtEmfile,
+            8 => Deferred::ChildrenWithoutWatchdog,
             _ => return None,
         })
     }

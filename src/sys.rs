@@ -291,6 +291,24 @@ pub fn wall_time() -> (i64, u32) {
     (t.tv_sec, (t.tv_nsec / 1_000_000) as u32)
 }
 
+/// The number of tasks (threads) on the system, from sysinfo(2). The kernel reports it in 16 bits:
+/// past 65535 it wraps.
+pub fn system_tasks() -> u64 {
+    // SAFETY: a zeroed sysinfo struct for the kernel to fill.
+    let mut si: libc::sysinfo = unsafe { core::mem::zeroed() };
+    // SAFETY: a valid buffer of the kernel's struct sysinfo.
+    let r = unsafe { syscall5(libc::SYS_sysinfo as usize, [(&raw mut si) as usize, 0, 0, 0, 0]) };
+    if check(r).is_ok() { u64::from(si.procs) } else { 0 }
+}
+
+/// Does thread `tid` of this process still exist? tgkill(pid, tid, 0) as a raw syscall. The
+/// kernel has already given back the thread's task (RLIMIT_NPROC, pids.max) when it says ESRCH.
+pub fn thread_exists(tid: i32) -> bool {
+    // SAFETY: signal 0 only checks.
+    let r = unsafe { syscall5(libc::SYS_tgkill as usize, [getpid() as usize, tid as usize, 0, 0, 0]) };
+    check(r) != Err(Errno::SRCH)
+}
+
 /// The process id, as a raw syscall (glibc no longer caches it).
 pub fn getpid() -> i32 {
     rustix::process::getpid().as_raw_nonzero().get()

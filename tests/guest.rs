@@ -212,9 +212,12 @@ fn thread_names(pid: i32) -> Vec<String> {
 /// RLIMIT_AS for the malloc test, in KiB (as `ulimit -v 150000`).
 const AS_LIMIT_KIB: u64 = 150_000;
 /// How much less the program may malloc with keepfix than without, in MiB. keepfix's own
-/// mappings count against RLIMIT_AS too: its thread's stack (256 KiB + guard), its heap's first
-/// segment, the fd table's first chunk, and above all libkeepfix.so's own image (the debug build
-/// maps about 10 MiB of file, most of it debug info that is not mapped, see the test's report).
+/// mappings count against RLIMIT_AS too, and 1 MiB is less than they take: libkeepfix.so's own
+/// image (1012 KiB mapped, debug build), its thread's stack (256 KiB + guard page), its heap's
+/// first 256 KiB segment and the fd table's first chunk. Measured: 141 MiB with keepfix, 143
+/// without (it was 78 with keepfix before it had a heap of its own). 4 MiB leaves room for a
+/// release build's or a larger heap's few hundred KiB more, and is still far below the 64 MiB
+/// arena this test exists to catch.
 const AS_SLACK_MIB: i64 = 4;
 
 fn malloc_total(preload: bool, mode: Option<&str>) -> (i64, Vec<String>, String) {
@@ -256,7 +259,10 @@ fn keepfix_takes_none_of_the_programs_memory() {
     for mode in MODES {
         let (plain, _, _) = malloc_total(false, mode);
         let (with, threads, log) = malloc_total(true, mode);
-        eprintln!("mode={mode:?}: malloc total under RLIMIT_AS {AS_LIMIT_KIB} KiB: {plain} MiB without keepfix, {with} MiB with; {}", log.lines().next().unwrap_or(""));
+        eprintln!(
+            "mode={mode:?}: malloc total under RLIMIT_AS {AS_LIMIT_KIB} KiB: {plain} MiB without keepfix, {with} MiB with; {}",
+            log.lines().next().unwrap_or("")
+        );
         assert!(threads.iter().any(|t| t == "keepfix"), "mode={mode:?}: no keepfix thread: {threads:?}\n{log}");
         assert!(threads.iter().any(|t| t == "malloc_fill"), "mode={mode:?}: {threads:?}");
         if mode == Some("close") {
@@ -330,11 +336,16 @@ fn keepfix_takes_none_of_the_programs_tasks() {
     for mode in MODES {
         let (plain, _) = fork_workers(false, mode);
         let (with, log) = fork_workers(true, mode);
-        eprintln!("mode={mode:?}: RLIMIT_NPROC {NPROC} as nobody ({before} tasks of nobody's elsewhere): {plain} workers without keepfix, {with} with\n{log}");
+        eprintln!(
+            "mode={mode:?}: RLIMIT_NPROC {NPROC} as nobody ({before} tasks of nobody's elsewhere): {plain} workers without keepfix, {with} with\n{log}"
+        );
         assert!(plain > 0, "the plain run forked no worker");
         assert_eq!(with, plain, "mode={mode:?}: {with} workers with keepfix, {plain} without; keepfix's log:\n{log}");
-        let said = log.lines().filter(|l| l.contains("watchdog_stopped") || l.contains("watchdog_unavailable")).count();
-        assert_eq!(said, 1, "mode={mode:?}: keepfix gave its task up without saying so:\n{log}");
+        // Said once each: the children run without a thread (the limit is near), and the
+        // parent's thread gave its task to the fork that needed it.
+        let count = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+        assert_eq!(count("watchdog_unavailable in=forked_children"), 1, "mode={mode:?}:\n{log}");
+        assert_eq!(count("watchdog_stopped reason=fork_eagain"), 1, "mode={mode:?}:\n{log}");
     }
     let _ = std::io::stderr().flush();
 }
