@@ -374,7 +374,7 @@ fn take_over_from_the_dead(this: &Slot, m: Meta) -> Option<Meta> {
         fd >= 0 && slot(fd).is_some_and(|s| core::ptr::eq(s, this))
     })?;
     let tid = RELEASER.get(i)?.load(Acquire);
-    if tid <= 0 || crate::sys::thread_alive(tid) {
+    if tid <= 0 || crate::sys::thread_exists(tid) {
         return None;
     }
     let back = m.with_state(State::Tracked).with_flags(0, flag::CLOSE_PENDING).next_gen();

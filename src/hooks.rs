@@ -96,6 +96,7 @@ hooks! {
     fn recvfrom(fd: c_int, buf: *mut c_void, n: usize, flags: c_int, a: *mut sockaddr, l: *mut socklen_t) -> isize => on_recvfrom;
     fn __recvfrom_chk(fd: c_int, buf: *mut c_void, n: usize, buflen: usize, flags: c_int, a: *mut sockaddr, l: *mut socklen_t) -> isize => on_recvfrom_chk;
     fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> isize => on_recvmsg;
+    fn fork() -> c_int => on_fork;
 }
 
 // --- Reads: the program seeing the end of a connection ---------------------------------------
@@ -518,6 +519,32 @@ fn dup_onto(old: c_int, new: c_int, call: &mut dyn FnMut() -> c_int) -> c_int {
     }
     copy_entry(old, new, m);
     r
+}
+
+/// fork(): when it fails with EAGAIN (the program's task limit) while keepfix's thread holds a
+/// task, the thread gives it back and the fork is retried once (watchdog::give_way).
+unsafe fn on_fork(_rt: &'static Runtime) -> c_int {
+    // SAFETY: the real fork().
+    let pid = unsafe { real::fork() };
+    if pid > 0 {
+        watchdog::after_fork_parent();
+    }
+    if pid >= 0 || errno() != libc::EAGAIN {
+        return pid;
+    }
+    let gave_way = {
+        let _errno = sys::ErrnoGuard::save();
+        watchdog::give_way()
+    };
+    if !gave_way {
+        return pid;
+    }
+    // SAFETY: the real fork(), again.
+    let pid = unsafe { real::fork() };
+    if pid > 0 {
+        watchdog::after_fork_parent();
+    }
+    pid
 }
 
 unsafe fn on_dup2(_rt: &'static Runtime, old: c_int, new: c_int) -> c_int {

@@ -12,12 +12,14 @@
 //! - `log`, `metrics`: what keepfix tells the operator.
 //! - `ownfd`: the few fds keepfix holds itself.
 //! - `config`: the KEEPFIX_* variables (shared with the `keepfix` command).
+//! - `alloc`: keepfix's own heap (never the program's malloc).
 //! - `runtime`: load, fork, vfork and exit. `real`: the real functions. `sys`: raw syscalls.
 //!   `addr`: addresses in log lines.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 #![cfg_attr(test, allow(dead_code, clippy::unwrap_used, clippy::indexing_slicing, clippy::panic))]
 
 mod addr;
+mod alloc;
 mod closewait;
 #[allow(clippy::indexing_slicing)]
 mod config;

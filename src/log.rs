@@ -6,9 +6,13 @@
 //! that cannot go out at once is counted as dropped. A token bucket stops floods, and a
 //! `suppressed` line says what it held back. Formatting uses a stack buffer: no allocation.
 //!
-//! Safety rules for stderr: keepfix writes to fd 2 only while it is what it was (or a file, pipe,
-//! tty or unix socket), never into a TCP or UDP socket: an inetd-style service has its client
-//! connection there.
+//! Safety rules for stderr: the constructor records what fd 2 is (device, inode, file type).
+//! keepfix writes there only while fd 2 is still that object, and only if it is a log-like
+//! destination: a tty or other character device, a pipe or FIFO, a regular file (a `2>>log`
+//! redirect at exec), or the systemd journal's stream (JOURNAL_STREAM). Never any other socket:
+//! an inetd-style service has its client connection there, a program its private channel. Once
+//! fd 2 has been seen to be anything else, keepfix never writes to it again: a daemon that closed
+//! 0, 1 and 2 has its own files on those numbers.
 
 use crate::sys;
 use core::fmt::{self, Write as _};
@@ -42,6 +46,8 @@ pub enum Deferred {
     RlimitChanged = 6,
     /// accept() hit EMFILE and released a socket left in CLOSE_WAIT at once; a = TCP state.
     ReleasedAtEmfile = 7,
+    /// fork()ed children get no watchdog (a task limit is near); a = RLIMIT_NPROC, b = system tasks.
+    ChildrenWithoutWatchdog = 8,
 }
 
 impl Deferred {
@@ -54,6 +60,7 @@ impl Deferred {
             5 => Deferred::Emfile,
             6 => Deferred::RlimitChanged,
             7 => Deferred::ReleasedAtEmfile,
+            8 => Deferred::ChildrenWithoutWatchdog,
             _ => return None,
         })
     }
@@ -232,6 +239,8 @@ struct Dest {
     path_len: usize,
     /// JOURNAL_STREAM's device and inode: stderr is the journal when fd 2 matches.
     journal: Option<(u64, u64)>,
+    /// What fd 2 was at load, if it is a destination keepfix may write to: (dev, ino, S_IFMT).
+    stderr_at_load: Option<(u64, u64, u32)>,
 }
 
 struct SinkState {
@@ -251,7 +260,10 @@ struct SinkState {
 const BURST: u64 = 60;
 const RATE_PER_S: u64 = 5;
 
-static mut DEST: Dest = Dest { kind: DestKind::Stderr, path: [0; 512], path_len: 0, journal: None };
+static mut DEST: Dest =
+    Dest { kind: DestKind::Stderr, path: [0; 512], path_len: 0, journal: None, stderr_at_load: None };
+/// fd 2 was seen to be another object than at load: keepfix never writes there again.
+static STDERR_GONE: AtomicBool = AtomicBool::new(false);
 static SINK_BUSY: AtomicBool = AtomicBool::new(false);
 static mut SINK: SinkState = SinkState {
     fd: -1,
@@ -272,6 +284,7 @@ pub fn init(dest: &crate::config::LogDest, journal_stream: Option<&[u8]>) {
     // SAFETY: called once from the constructor, before any reader exists.
     let d = unsafe { &mut *core::ptr::addr_of_mut!(DEST) };
     d.journal = journal_stream.and_then(parse_journal_stream);
+    d.stderr_at_load = stderr_identity().filter(|&id| log_like(id, d.journal));
     match dest {
         crate::config::LogDest::Stderr => d.kind = DestKind::Stderr,
         crate::config::LogDest::Syslog => d.kind = DestKind::Syslog,
@@ -413,7 +426,7 @@ fn write_line(sink: &mut SinkState, dest: &Dest, level: Level, args: fmt::Argume
             let _ = write!(line, "keepfix[{pid}]: ");
             let _ = line.write_fmt(args);
             line.finish();
-            write_stderr(line.as_bytes())
+            write_stderr(dest, line.as_bytes())
         }
         DestKind::Syslog => {
             // LOG_DAEMON; the receiver adds the timestamp.
@@ -436,22 +449,48 @@ fn write_line(sink: &mut SinkState, dest: &Dest, level: Level, args: fmt::Argume
     }
 }
 
-fn stderr_is_journal(dest: &Dest) -> bool {
-    let Some((dev, ino)) = dest.journal else { return false };
-    let Some(fd) = sys::borrow(2) else { return false };
-    rustix::fs::fstat(fd).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
+/// fd 2's device, inode and file type, if it is open.
+fn stderr_identity() -> Option<(u64, u64, u32)> {
+    let st = rustix::fs::fstat(sys::borrow(2)?).ok()?;
+    Some((st.st_dev, st.st_ino, st.st_mode & libc::S_IFMT))
 }
 
-/// Writes to fd 2 unless it is a network socket. Never blocks, never raises SIGPIPE in a thread
-/// that could take it (the watchdog blocks every signal; the constructor checks the pipe first).
-fn write_stderr(bytes: &[u8]) -> bool {
-    let Some(fd) = sys::borrow(2) else { return false };
-    let Ok(st) = rustix::fs::fstat(fd) else { return false };
-    let fmt = st.st_mode & libc::S_IFMT;
+/// A destination a log line may go to: a tty or character device, a pipe or FIFO, a regular file,
+/// or the journal's stream socket. Not a directory, a block device, or any other socket.
+fn log_like((dev, ino, fmt): (u64, u64, u32), journal: Option<(u64, u64)>) -> bool {
+    match fmt {
+        libc::S_IFCHR | libc::S_IFIFO | libc::S_IFREG => true,
+        libc::S_IFSOCK => journal == Some((dev, ino)),
+        _ => false,
+    }
+}
+
+fn stderr_is_journal(dest: &Dest) -> bool {
+    let (Some((dev, ino)), Some((d, i, _))) = (dest.journal, dest.stderr_at_load) else { return false };
+    (dev, ino) == (d, i)
+}
+
+/// fd 2, if it is still the log-like object it was at load. The first time it is not (closed,
+/// replaced by dup2 or a new open), keepfix gives stderr up for good.
+fn stderr_fd(dest: &Dest) -> Option<(rustix::fd::BorrowedFd<'static>, u32)> {
+    let at_load = dest.stderr_at_load?;
+    if STDERR_GONE.load(Relaxed) {
+        return None;
+    }
+    if stderr_identity() != Some(at_load) {
+        STDERR_GONE.store(true, Relaxed);
+        return None;
+    }
+    Some((sys::borrow(2)?, at_load.2))
+}
+
+/// Writes to fd 2 if it is still the destination it was at load. Never blocks, never raises
+/// SIGPIPE in a thread that could take it (the watchdog blocks every signal; the constructor
+/// checks the pipe first).
+fn write_stderr(dest: &Dest, bytes: &[u8]) -> bool {
+    let Some((fd, fmt)) = stderr_fd(dest) else { return false };
     if fmt == libc::S_IFSOCK {
-        if rustix::net::sockopt::socket_domain(fd) != Ok(rustix::net::AddressFamily::UNIX) {
-            return false;
-        }
+        // Only the journal's stream gets here (log_like).
         let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
         return rustix::net::send(fd, bytes, flags).is_ok_and(|n| n == bytes.len());
     }

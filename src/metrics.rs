@@ -41,7 +41,16 @@ impl Writer {
         let Some((path, tmp)) = &self.path else { return };
         let text = render(detector, monitor, now, &self.program);
         // A failure is said once, and so is the recovery: a stale file never goes unnoticed.
-        match write_atomically(path, tmp, text.as_bytes()) {
+        use core::sync::atomic::Ordering::*;
+        if WRITING.compare_exchange(0, 1, AcqRel, Acquire).is_err() {
+            return; // exiting
+        }
+        let written = write_atomically(path, tmp, text.as_bytes());
+        if written.is_err() {
+            let _ = rustix::fs::unlink(tmp.as_str());
+        }
+        let _ = WRITING.compare_exchange(1, 0, AcqRel, Acquire);
+        match written {
             Err(e) if !self.failed_logged => {
                 self.failed_logged = true;
                 crate::log::emit(
@@ -79,8 +88,20 @@ fn remember(p: &str) {
 }
 
 /// At normal exit: the file goes, so a dead process leaves no stale figures behind.
+/// The file's writer and the destructor exclude each other: 0 idle, 1 the watchdog is writing,
+/// 2 the process is exiting (no more writes: a rename after the destructor's unlink would leave
+/// a dead process's file behind).
+static WRITING: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+
 pub fn remove_at_exit() {
-    if !PATH_SET.load(core::sync::atomic::Ordering::Acquire) {
+    use core::sync::atomic::Ordering::*;
+    // Wait (at most 200 ms: a write is a few system calls) for a write under way to end.
+    let deadline = sys::now_ms() + 200;
+    while WRITING.compare_exchange(0, 2, AcqRel, Acquire).is_err_and(|s| s == 1) && sys::now_ms() < deadline {
+        rustix::thread::sched_yield();
+    }
+    WRITING.store(2, Release);
+    if !PATH_SET.load(Acquire) {
         return;
     }
     // SAFETY: PATH is complete once PATH_SET is true.

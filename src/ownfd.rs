@@ -16,7 +16,7 @@
 
 use crate::fdtable::{self, State};
 use crate::sys::{self, Fd};
-use core::sync::atomic::{AtomicI32, Ordering::*};
+use core::sync::atomic::{AtomicI32, AtomicU32, Ordering::*};
 use rustix::fd::{BorrowedFd, RawFd};
 use rustix::fs::{Mode, OFlags};
 
@@ -158,9 +158,17 @@ pub fn prepare() {
     let _ = fd_table_size();
 }
 
+/// Until when (coarse monotonic seconds) keepfix opens no /proc file again after giving its own
+/// back: the program needed those numbers a moment ago.
+static GAVE_WAY_UNTIL: AtomicU32 = AtomicU32::new(0);
+const GIVE_WAY_S: u32 = 60;
+
 /// Gives the program back the fds keepfix can do without (the cached /proc files): accept() hit
-/// EMFILE, and those numbers would be free without keepfix. Returns how many it closed.
+/// EMFILE, and those numbers would be free without keepfix. For a minute keepfix then opens no
+/// /proc file (no fd count, no census: the log says `used=` only from what it knows). Returns
+/// how many it closed. Async-signal-safe.
 pub fn give_way() -> usize {
+    GAVE_WAY_UNTIL.store(sys::now_s().wrapping_add(GIVE_WAY_S), Relaxed);
     [&PROC_FD, &PROC_STATUS]
         .iter()
         .filter(|c| {
@@ -174,6 +182,11 @@ pub fn give_way() -> usize {
 }
 
 fn proc_file(cell: &AtomicI32, path: &str, flags: OFlags) -> Option<RawFd> {
+    let until = GAVE_WAY_UNTIL.load(Relaxed);
+    if until != 0 && sys::now_s() < until {
+        let fd = cell.load(Acquire);
+        return (fd >= 0 && is_own(fd)).then_some(fd);
+    }
     let pid = sys::getpid();
     if PROC_PID.load(Relaxed) != pid {
         for c in [&PROC_FD, &PROC_STATUS] {

@@ -59,6 +59,7 @@ pub fn get() -> Option<&'static Runtime> {
 
 /// The constructor's work.
 pub fn init() {
+    crate::alloc::init();
     let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
     let env: Vec<(String, String)> = std::env::vars_os()
         .filter_map(|(k, v)| {
@@ -102,6 +103,7 @@ pub fn fini() {
 
 extern "C" fn atfork_prepare() {
     fdtable::note_fork();
+    watchdog::prepare_fork();
 }
 
 extern "C" fn atfork_child() {
@@ -169,6 +171,7 @@ fn repair_unhandled_fork(w: &AtomicU32) {
     // FORK_REPAIRING: the repair is under way (and may be this thread's own, further up).
     if w.compare_exchange(0, FORK_REPAIRING, AcqRel, Acquire).is_ok() {
         let _errno = sys::ErrnoGuard::save();
+        crate::alloc::after_unhandled_fork();
         fdtable::note_fork();
         repair_child();
     }

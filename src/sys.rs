@@ -292,13 +292,6 @@ pub fn linger_off(fd: RawFd) {
     }
 }
 
-/// Does thread `tid` of this process still exist? tgkill with signal 0 (nothing is sent).
-pub fn thread_alive(tid: i32) -> bool {
-    // SAFETY: plain integers; signal 0 only checks.
-    let r = unsafe { syscall5(libc::SYS_tgkill as usize, [getpid() as usize, tid as usize, 0, 0, 0]) };
-    check(r).is_ok() || r != -(libc::ESRCH as isize)
-}
-
 /// A precise monotonic clock in microseconds (vDSO), for the few bounded waits in hooks.
 pub fn now_us() -> u64 {
     let t = clock_gettime(rustix::time::ClockId::Monotonic);
@@ -347,6 +340,25 @@ pub fn now_s() -> u32 {
 pub fn wall_time() -> (i64, u32) {
     let t = clock_gettime(rustix::time::ClockId::Realtime);
     (t.tv_sec, (t.tv_nsec / 1_000_000) as u32)
+}
+
+/// The number of tasks (threads) on the system, from sysinfo(2). The kernel reports it in 16 bits:
+/// past 65535 it wraps.
+pub fn system_tasks() -> u64 {
+    // SAFETY: a zeroed sysinfo struct for the kernel to fill.
+    let mut si: libc::sysinfo = unsafe { core::mem::zeroed() };
+    // SAFETY: a valid buffer of the kernel's struct sysinfo.
+    let r = unsafe { syscall5(libc::SYS_sysinfo as usize, [(&raw mut si) as usize, 0, 0, 0, 0]) };
+    if check(r).is_ok() { u64::from(si.procs) } else { 0 }
+}
+
+/// Does thread `tid` of this process still exist? tgkill(pid, tid, 0) as a raw syscall (nothing
+/// is sent). The kernel has already given back the thread's task (RLIMIT_NPROC, pids.max) when
+/// it says ESRCH. A release whose thread is gone can be taken back (fdtable).
+pub fn thread_exists(tid: i32) -> bool {
+    // SAFETY: signal 0 only checks.
+    let r = unsafe { syscall5(libc::SYS_tgkill as usize, [getpid() as usize, tid as usize, 0, 0, 0]) };
+    check(r) != Err(Errno::SRCH)
 }
 
 /// The process id, as a raw syscall (glibc no longer caches it).

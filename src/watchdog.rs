@@ -11,6 +11,11 @@
 //! It blocks every signal the C library lets it block, so
 //! the program's handlers never run on it, and a SIGPIPE from a log write stays pending here. It
 //! holds nothing a hook waits on, except the few syscalls of a release (see fdtable).
+//!
+//! It is a guest of the program's task budget (RLIMIT_NPROC, a cgroup's pids.max): when it cannot
+//! be created, keepfix says so once and runs with hooks only; when the program's fork() fails with
+//! EAGAIN, the watchdog gives its task to the program (see [`give_way`]); and a forked child gets
+//! a watchdog of its own only while the task limit is far away (see [`prepare_fork`]).
 
 use crate::runtime::{self, Runtime};
 use crate::{closewait, keepalive, log, nofile, ownfd, sys};
@@ -19,6 +24,9 @@ use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, Ordering::*
 const IDLE: u8 = 0;
 const RUNNING: u8 = 1;
 const FAILED: u8 = 2;
+/// It gave way (fork() needed its task, or its heap ran out): never started again here, nor in a
+/// child forked from here.
+const STOPPED: u8 = 3;
 
 static STATE: AtomicU8 = AtomicU8::new(IDLE);
 /// The last and the longest periodic tick, in nanoseconds, and the thread's CPU time: metrics.
@@ -40,6 +48,12 @@ static TID: AtomicI32 = AtomicI32::new(0);
 /// Sockets were adopted at load, or the parent's watchdog was running at fork: start it at the
 /// next safe point (before main, or in fork()'s child handler).
 static WANTED: AtomicBool = AtomicBool::new(false);
+/// The program's fork() asked the watchdog to end (give_way).
+static STOP: AtomicBool = AtomicBool::new(false);
+/// Set by fork()'s prepare handler: the child may start a watchdog of its own.
+static CHILD_MAY_START: AtomicBool = AtomicBool::new(true);
+/// A `watchdog_unavailable` line was logged for forked children already.
+static CHILDREN_LOGGED: AtomicBool = AtomicBool::new(false);
 
 pub fn want_start() {
     WANTED.store(true, Relaxed);
@@ -94,10 +108,94 @@ fn start(rt: &'static Runtime) {
         let r = libc::pthread_create(&mut t, &attr, thread_main, rt as *const Runtime as *mut libc::c_void);
         libc::pthread_attr_destroy(&mut attr);
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
-        r == 0
+        r
     };
-    if !ok {
+    if ok != 0 {
         STATE.store(FAILED, Relaxed);
+        // No thread of ours exists to write it: this is the program's thread, at a safe point
+        // (listen, accept, connect, before main, fork's child handler); emit never blocks.
+        log::emit(
+            log::Level::Warning,
+            format_args!(
+                "watchdog_unavailable reason={} note=\"keepfix could not start its thread (a task limit?); keepalive goes on, CLOSE_WAIT, fd warnings and metrics do not\"",
+                errno_name(ok)
+            ),
+        );
+    }
+}
+
+/// fork() failed with EAGAIN (RLIMIT_NPROC or pids.max): if the watchdog is running, ends it and
+/// waits (up to 250 ms, on this failure path only) until the kernel has given its task back, so that the program's fork() can
+/// be retried. From then on this process (and any child it forks) runs with hooks only. Returns
+/// true if the task was given back. Called from the program's thread, in the fork hook.
+pub fn give_way() -> bool {
+    if STATE.load(Acquire) != RUNNING || on_watchdog_thread() {
+        return false;
+    }
+    let tid = TID.load(Acquire);
+    if tid == 0 {
+        return false;
+    }
+    STOP.store(true, Release);
+    closewait::poke();
+    // The thread sleeps on a futex that poke() wakes, and its tick is milliseconds: it is gone
+    // in well under a millisecond. The bound only keeps a stopped thread from holding fork().
+    let deadline = sys::now_ms() + 250;
+    while sys::thread_exists(tid) {
+        if sys::now_ms() > deadline {
+            return false;
+        }
+        closewait::poke();
+        let _ = rustix::thread::nanosleep(&rustix::thread::Timespec { tv_sec: 0, tv_nsec: 1_000_000 });
+    }
+    true
+}
+
+/// Called by fork()'s prepare handler: decides whether the child may start a watchdog of its own.
+/// Under a task limit within reach, a child's thread would take a task that the program's next
+/// fork() needs, and only the parent's thread can give its task back (give_way). So a child gets
+/// one only if RLIMIT_NPROC is unlimited, the real user is root (who is not held to it), or the
+/// soft limit is more than twice the number of tasks on the whole system (an upper bound of this
+/// user's count) plus 64.
+pub fn prepare_fork() {
+    if STATE.load(Relaxed) != RUNNING {
+        return;
+    }
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nproc).current;
+    let ok = match limit {
+        None => true,
+        Some(l) => rustix::process::getuid().is_root() || l > 2 * sys::system_tasks() + 64,
+    };
+    CHILD_MAY_START.store(ok, Relaxed);
+}
+
+/// After a successful fork(), in the parent: says once that children run without a watchdog.
+pub fn after_fork_parent() {
+    if !CHILD_MAY_START.load(Relaxed) && STATE.load(Relaxed) == RUNNING && !CHILDREN_LOGGED.swap(true, Relaxed) {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nproc).current.unwrap_or(0);
+        log::defer(log::Deferred::ChildrenWithoutWatchdog, -1, limit as i64, sys::system_tasks() as i64);
+    }
+}
+
+/// The heap could not grow. On the watchdog's thread: it stops for good, and the program goes on
+/// with hooks only (they never allocate, and wait for nothing the watchdog holds but a release's
+/// few syscalls). It cannot unwind out of the allocation, so it sleeps for ever, keeping its task.
+/// Elsewhere (the constructor, say) it returns, and Rust aborts as for any failed allocation.
+pub fn out_of_memory() {
+    if !on_watchdog_thread() {
+        return;
+    }
+    STATE.store(STOPPED, Relaxed);
+    log::emit(
+        log::Level::Err,
+        format_args!(
+            "watchdog_stopped reason=no_memory heap_mapped={} heap_limit={} note=\"keepfix's own heap is full or the address space is; keepalive goes on\"",
+            crate::alloc::mapped(),
+            crate::alloc::LIMIT
+        ),
+    );
+    loop {
+        let _ = rustix::thread::nanosleep(&rustix::thread::Timespec { tv_sec: 3600, tv_nsec: 0 });
     }
 }
 
@@ -115,8 +213,12 @@ extern "C" fn thread_main(arg: *mut libc::c_void) -> *mut libc::c_void {
 pub fn after_fork_child() {
     TID.store(0, Relaxed);
     if STATE.load(Relaxed) == RUNNING {
-        STATE.store(IDLE, Relaxed);
-        WANTED.store(true, Relaxed);
+        if CHILD_MAY_START.load(Relaxed) {
+            STATE.store(IDLE, Relaxed);
+            WANTED.store(true, Relaxed);
+        } else {
+            STATE.store(STOPPED, Relaxed);
+        }
     }
     // Releases the parent had under way first: the rest may touch those slots.
     crate::fdtable::after_fork_child();
@@ -154,6 +256,18 @@ fn run(rt: &'static Runtime) {
     let mut next = sys::now_ms();
     let mut poked = false;
     loop {
+        if STOP.load(Acquire) {
+            report_deferred(&monitor);
+            log::emit(
+                log::Level::Warning,
+                format_args!(
+                    "watchdog_stopped reason=fork_eagain note=\"the program's fork() hit its task limit: keepfix's thread gives its task back and the fork is retried; keepalive goes on, CLOSE_WAIT, fd warnings and metrics do not\""
+                ),
+            );
+            STATE.store(STOPPED, Release);
+            TID.store(0, Release);
+            return;
+        }
         let now = sys::now_ms();
         report_deferred(&monitor);
         if now >= next || poked {
@@ -247,6 +361,12 @@ pub fn report_deferred(monitor: &nofile::Monitor) {
                 sys::tcp_state::name(a as u8)
             ),
         ),
+        Deferred::ChildrenWithoutWatchdog => emit(
+            Level::Notice,
+            format_args!(
+                "watchdog_unavailable in=forked_children reason=task_limit rlimit_nproc={a} system_tasks={b} note=\"children forked near the task limit run with hooks only, so that keepfix's threads never take a task the program needs\""
+            ),
+        ),
         Deferred::RlimitChanged => {
             emit(Level::Notice, format_args!("rlimit_nofile soft={a} hard={b} used={}", monitor.used()))
         }
@@ -268,6 +388,7 @@ pub fn errno_name(e: i32) -> &'static str {
         libc::EOPNOTSUPP => "EOPNOTSUPP",
         libc::ENOTCONN => "ENOTCONN",
         libc::ENOSYS => "ENOSYS",
+        libc::EAGAIN => "EAGAIN",
         _ => "other",
     }
 }

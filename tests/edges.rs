@@ -66,6 +66,7 @@ fn only_the_hooked_functions_are_exported() {
         "fclose",
         "fcntl",
         "fcntl64",
+        "fork",
         "listen",
         "prlimit",
         "prlimit64",
