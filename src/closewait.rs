@@ -65,7 +65,7 @@ static POKE: AtomicU32 = AtomicU32::new(0);
 
 /// Makes the epoll set, in the hook that starts the watchdog (see ownfd on why).
 pub fn prepare(_rt: &Runtime) {
-    if EPOLL.load(Acquire) >= 0 {
+    if EPOLL.load(Acquire) >= 0 || ownfd::lean() {
         return;
     }
     if let Some(ep) = epoll::create(epoll::CreateFlags::CLOEXEC).ok().and_then(|e| ownfd::install(sys::own(e))) {
@@ -219,11 +219,29 @@ impl Detector {
     /// The periodic part: watch new sockets, act on suspects whose time has come, summarise.
     pub fn tick(&mut self, now: u64) {
         self.lines_this_tick = 0;
+        if self.epoll_fd().is_none() && self.rt.cfg.close_wait != CloseWaitMode::Off {
+            self.scan(now);
+        }
         self.register_new();
         if self.rt.cfg.close_wait != CloseWaitMode::Off {
             self.review(now);
         }
         self.summarise(now);
+    }
+
+    /// Without an epoll set (lean mode): looks at every tracked connection with TCP_INFO, as
+    /// the epoll set's events would have. O(tracked sockets), which lean mode bounds.
+    fn scan(&mut self, now: u64) {
+        let mut suspects: Vec<(RawFd, Meta)> = Vec::new();
+        fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
+            let m = s.load();
+            if m.is_tracked() && !m.role().is_listener() && !m.has(flag::ACTED) && !self.leaks.contains_key(&fd) {
+                suspects.push((fd, m));
+            }
+        });
+        for (fd, m) in suspects {
+            self.examine(fd, m, now);
+        }
     }
 
     /// Adds sockets tracked since the last tick to the epoll set, and finishes the configuration
@@ -413,55 +431,74 @@ impl Detector {
     fn release(&mut self, fd: RawFd, slot: &'static fdtable::Slot, m: Meta, _now: u64) -> Outcome {
         let Some(leak) = self.leaks.get(&fd) else { return Outcome::Gone };
         let ino = leak.ino;
+        if ownfd::lean() {
+            // No fd to spare for a duplicate (see ownfd::LEAN_BELOW): the socket is shut down at
+            // its number, inside the release protocol (a program close or dup2 of the number
+            // waits, bounded, or is handed over).
+            let Some(rel) = slot.begin_release(fd, m) else { return Outcome::Raced };
+            let outcome = self.release_through(fd, fd, ino, slot, m);
+            let acted = matches!(outcome, Outcome::ShutDown(_) | Outcome::KeptSigpipe);
+            let back = rel.with_state(State::Tracked).with_flags(if acted { flag::ACTED } else { 0 }, 0);
+            if slot.end_release(fd, rel, back, false) {
+                // The release moved the generation on: the suspect follows it.
+                if let Some(l) = self.leaks.get_mut(&fd) {
+                    l.generation = slot.load().generation();
+                }
+            }
+            return outcome;
+        }
         // High, so that it never takes the lowest free number a program thread is about to get.
         let Some(dup) = ownfd::dup_high(fd) else {
             return Outcome::Raced;
         };
-        if rustix::fs::fstat(dup.as_fd()).map(|st| st.st_ino) != Ok(ino) {
+        let outcome = self.release_through(dup.raw(), fd, ino, slot, m);
+        if let Outcome::ShutDown(_) | Outcome::KeptSigpipe = outcome {
+            if sys::borrow(fd).and_then(|b| rustix::fs::fstat(b).ok()).is_none_or(|st| st.st_ino != ino) {
+                // The program closed it meanwhile: ours is the last reference; its close must
+                // not wait here for SO_LINGER.
+                sys::linger_off(dup.raw());
+            }
+            mark_acted(slot, m);
+        }
+        outcome
+    }
+
+    /// The checks and the shutdown of a release, on `h`: a private duplicate of the program's
+    /// `fd`, or `fd` itself inside the release protocol. `h` is checked to be the socket of
+    /// inode `ino` first.
+    fn release_through(&mut self, h: RawFd, fd: RawFd, ino: u64, slot: &fdtable::Slot, m: Meta) -> Outcome {
+        let Some(b) = sys::borrow(h) else { return Outcome::Gone };
+        if rustix::fs::fstat(b).map(|st| st.st_ino) != Ok(ino) {
             return Outcome::Gone;
         }
-        let Ok(info) = sys::tcp_info(dup.raw()) else { return Outcome::Gone };
+        let Ok(info) = sys::tcp_info(h) else { return Outcome::Gone };
         if let Some(l) = self.leaks.get_mut(&fd) {
             l.state = info.state;
         }
         if info.state != tcp_state::CLOSE_WAIT && info.state != tcp_state::CLOSE {
             return Outcome::NotLeaked;
         }
-        let unread = unread_bytes(dup.raw());
+        let unread = unread_bytes(h);
         if let Some(l) = self.leaks.get_mut(&fd) {
             l.unread = unread;
         }
         if unread > 0 && self.rt.cfg.close_wait_unread == Unread::Keep {
             return Outcome::KeptUnread(unread);
         }
-        if in_use(dup.raw(), &info, m, slot, self.rt.cfg.close_wait_after_ms) {
+        if in_use(h, &info, m, slot, self.rt.cfg.close_wait_after_ms) {
             return Outcome::InUse;
         }
-        // The same socket (generation), whatever flags a hook set meanwhile (SAW_EOF, say).
-        let acted = |s: &fdtable::Slot| {
-            s.update(|cur| {
-                (cur.is_tracked() && cur.generation() == m.generation()).then(|| cur.with_flags(flag::ACTED, 0))
-            });
-        };
         if info.state == tcp_state::CLOSE {
             // Dead already (reset, timed out): nothing to send. It waits for the program's close,
             // or, in close mode, to be vacated once the program has seen its end.
-            acted(slot);
             return Outcome::ShutDown("dead");
         }
         if sys::sigpipe_kills() {
-            acted(slot);
             return Outcome::KeptSigpipe;
         }
         // Our FIN goes out after any data still queued, and pollers wake (IN|RDHUP|HUP), even
         // if another reference to the socket exists. The socket stays at its number.
-        let _ = rustix::net::shutdown(dup.as_fd(), rustix::net::Shutdown::Both);
-        if sys::borrow(fd).and_then(|b| rustix::fs::fstat(b).ok()).is_none_or(|st| st.st_ino != ino) {
-            // The program closed it meanwhile: ours is the last reference; its close must not
-            // wait here for SO_LINGER.
-            sys::linger_off(dup.raw());
-        }
-        acted(slot);
+        let _ = rustix::net::shutdown(b, rustix::net::Shutdown::Both);
         Outcome::ShutDown("shutdown")
     }
 
@@ -533,6 +570,15 @@ impl Detector {
     /// the WATCHED marks are the parent's), and after the set was lost (the program took its
     /// number with dup2).
     pub fn repair(&mut self) {
+        if ownfd::lean() {
+            // No epoll set and no /proc file below ownfd::LEAN_BELOW: tick() scans instead.
+            let ep = EPOLL.swap(-1, AcqRel);
+            if ep >= 0 {
+                ownfd::close(ep);
+            }
+            ownfd::shed();
+            return;
+        }
         if self.epoll_fd().is_none() {
             EPOLL.store(-1, Release);
             prepare(self.rt);
@@ -548,6 +594,12 @@ impl Detector {
             fdtable::mark_all_dirty_again();
         }
     }
+}
+
+/// Marks the socket as acted on (shut down, dead, or left for SIGPIPE's sake): the same socket
+/// (generation), whatever flags a hook set meanwhile (SAW_EOF, say).
+fn mark_acted(slot: &fdtable::Slot, m: Meta) {
+    slot.update(|cur| (cur.is_tracked() && cur.generation() == m.generation()).then(|| cur.with_flags(flag::ACTED, 0)));
 }
 
 /// Is the connection still in use, so that nothing may be done to it yet? Something unsent or

@@ -66,6 +66,7 @@ macro_rules! hooks {
             SYM_CLOSEFROM.resolve();
             SYM_FCLOSE.resolve();
             SYM_SYSCALL.resolve();
+            reads::resolve_all();
         }
     };
 }
@@ -88,14 +89,6 @@ hooks! {
     fn setrlimit64(resource: c_int, rlim: *const rlimit) -> c_int => on_setrlimit64;
     fn prlimit(pid: libc::pid_t, resource: c_int, new: *const rlimit, old: *mut rlimit) -> c_int => on_prlimit;
     fn prlimit64(pid: libc::pid_t, resource: c_int, new: *const rlimit, old: *mut rlimit) -> c_int => on_prlimit64;
-    fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize => on_read;
-    fn __read_chk(fd: c_int, buf: *mut c_void, n: usize, buflen: usize) -> isize => on_read_chk;
-    fn readv(fd: c_int, iov: *const libc::iovec, cnt: c_int) -> isize => on_readv;
-    fn recv(fd: c_int, buf: *mut c_void, n: usize, flags: c_int) -> isize => on_recv;
-    fn __recv_chk(fd: c_int, buf: *mut c_void, n: usize, buflen: usize, flags: c_int) -> isize => on_recv_chk;
-    fn recvfrom(fd: c_int, buf: *mut c_void, n: usize, flags: c_int, a: *mut sockaddr, l: *mut socklen_t) -> isize => on_recvfrom;
-    fn __recvfrom_chk(fd: c_int, buf: *mut c_void, n: usize, buflen: usize, flags: c_int, a: *mut sockaddr, l: *mut socklen_t) -> isize => on_recvfrom_chk;
-    fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> isize => on_recvmsg;
     fn fork() -> c_int => on_fork;
 }
 
@@ -103,8 +96,59 @@ hooks! {
 //
 // A read that returns 0 with room to read, or fails with the error of a dead connection, is the
 // one exact sign that the program has seen the end of a connection (the read that returns the
-// last data consumes the FIN with it, so an empty receive queue proves nothing). Each read hook
-// is the real call plus one branch on its result; only a result <= 0 looks at the fd table.
+// last data consumes the FIN with it, so an empty receive queue proves nothing). These hooks call
+// the real function first, whatever keepfix's state, and look at anything else only when the
+// result is <= 0: the common read costs one branch more than libc's (and the lookup of the real
+// function).
+
+macro_rules! read_hooks {
+    ($( fn $name:ident($fd:ident: c_int $(, $arg:ident: $ty:ty)* $(,)?) room($r:ident) $room:expr; )*) => {
+        mod reads {
+            use super::*;
+            mod sym {
+                use crate::real::Sym;
+                $(
+                    #[allow(non_upper_case_globals)]
+                    pub static $name: Sym = Sym::new(match core::ffi::CStr::from_bytes_with_nul(
+                        concat!(stringify!($name), "\0").as_bytes()) { Ok(c) => c, Err(_) => panic!() });
+                )*
+            }
+            pub fn resolve_all() {
+                $( sym::$name.resolve(); )*
+            }
+            $(
+                #[cfg_attr(not(test), unsafe(no_mangle))]
+                pub unsafe extern "C" fn $name($fd: c_int $(, $arg: $ty)*) -> isize {
+                    let p = sym::$name.get();
+                    if p.is_null() {
+                        set_errno(libc::ENOSYS);
+                        return -1;
+                    }
+                    // SAFETY: dlsym found the C library's function of this name and signature;
+                    // the program's arguments, passed on as they came.
+                    let f: unsafe extern "C" fn(c_int $(, $ty)*) -> isize = unsafe { core::mem::transmute(p) };
+                    let $r = unsafe { f($fd $(, $arg)*) };
+                    if $r <= 0 && crate::runtime::active().is_some() {
+                        read_end($fd, $r, $room);
+                    }
+                    $r
+                }
+            )*
+        }
+    };
+}
+
+read_hooks! {
+    fn read(fd: c_int, buf: *mut c_void, n: usize) room(r) n > 0;
+    fn __read_chk(fd: c_int, buf: *mut c_void, n: usize, buflen: usize) room(r) { let _ = (buf, buflen); n > 0 };
+    fn readv(fd: c_int, iov: *const libc::iovec, cnt: c_int) room(r) r < 0 || iov_room(iov, cnt);
+    fn recv(fd: c_int, buf: *mut c_void, n: usize, flags: c_int) room(r) { let _ = (buf, flags); n > 0 };
+    fn __recv_chk(fd: c_int, buf: *mut c_void, n: usize, buflen: usize, flags: c_int) room(r) { let _ = (buf, buflen, flags); n > 0 };
+    fn recvfrom(fd: c_int, buf: *mut c_void, n: usize, flags: c_int, a: *mut sockaddr, l: *mut socklen_t) room(r) { let _ = (buf, flags, a, l); n > 0 };
+    fn __recvfrom_chk(fd: c_int, buf: *mut c_void, n: usize, buflen: usize, flags: c_int, a: *mut sockaddr, l: *mut socklen_t) room(r) { let _ = (buf, buflen, flags, a, l); n > 0 };
+    // SAFETY: the call used this msghdr; reading it is what libc did.
+    fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) room(r) { let _ = flags; r < 0 || (!msg.is_null() && iov_room(unsafe { (*msg).msg_iov }, unsafe { (*msg).msg_iovlen } as c_int)) };
+}
 
 /// After a read of `fd` that returned `r` (<= 0) with `room` bytes of room: marks a tracked
 /// socket whose end the program saw. Leaves errno as the read set it.
@@ -126,88 +170,12 @@ fn read_end(fd: c_int, r: isize, room: bool) {
     }
 }
 
-#[inline]
-fn after_read(fd: c_int, r: isize, room: bool) -> isize {
-    if r <= 0 {
-        read_end(fd, r, room);
-    }
-    r
-}
-
 fn iov_room(iov: *const libc::iovec, cnt: c_int) -> bool {
     if iov.is_null() || cnt <= 0 {
         return false;
     }
     // SAFETY: the read succeeded (returned 0) with this iovec array, so the kernel read it.
     (0..cnt as usize).any(|i| unsafe { (*iov.add(i)).iov_len } > 0)
-}
-
-unsafe fn on_read(_rt: &'static Runtime, fd: c_int, buf: *mut c_void, n: usize) -> isize {
-    after_read(fd, unsafe { real::read(fd, buf, n) }, n > 0)
-}
-
-unsafe fn on_read_chk(_rt: &'static Runtime, fd: c_int, buf: *mut c_void, n: usize, buflen: usize) -> isize {
-    after_read(fd, unsafe { real::__read_chk(fd, buf, n, buflen) }, n > 0)
-}
-
-unsafe fn on_readv(_rt: &'static Runtime, fd: c_int, iov: *const libc::iovec, cnt: c_int) -> isize {
-    let r = unsafe { real::readv(fd, iov, cnt) };
-    if r <= 0 {
-        read_end(fd, r, r < 0 || iov_room(iov, cnt));
-    }
-    r
-}
-
-unsafe fn on_recv(_rt: &'static Runtime, fd: c_int, buf: *mut c_void, n: usize, flags: c_int) -> isize {
-    after_read(fd, unsafe { real::recv(fd, buf, n, flags) }, n > 0)
-}
-
-unsafe fn on_recv_chk(
-    _rt: &'static Runtime,
-    fd: c_int,
-    buf: *mut c_void,
-    n: usize,
-    buflen: usize,
-    flags: c_int,
-) -> isize {
-    after_read(fd, unsafe { real::__recv_chk(fd, buf, n, buflen, flags) }, n > 0)
-}
-
-unsafe fn on_recvfrom(
-    _rt: &'static Runtime,
-    fd: c_int,
-    buf: *mut c_void,
-    n: usize,
-    flags: c_int,
-    a: *mut sockaddr,
-    l: *mut socklen_t,
-) -> isize {
-    after_read(fd, unsafe { real::recvfrom(fd, buf, n, flags, a, l) }, n > 0)
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn on_recvfrom_chk(
-    _rt: &'static Runtime,
-    fd: c_int,
-    buf: *mut c_void,
-    n: usize,
-    buflen: usize,
-    flags: c_int,
-    a: *mut sockaddr,
-    l: *mut socklen_t,
-) -> isize {
-    after_read(fd, unsafe { real::__recvfrom_chk(fd, buf, n, buflen, flags, a, l) }, n > 0)
-}
-
-unsafe fn on_recvmsg(_rt: &'static Runtime, fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> isize {
-    let r = unsafe { real::recvmsg(fd, msg, flags) };
-    if r <= 0 {
-        // SAFETY: the call succeeded or failed with this msghdr; reading it is what libc did.
-        let room =
-            r < 0 || (!msg.is_null() && iov_room(unsafe { (*msg).msg_iov }, unsafe { (*msg).msg_iovlen } as c_int));
-        read_end(fd, r, room);
-    }
-    r
 }
 
 // --- Sockets ----------------------------------------------------------------------------------

@@ -359,7 +359,7 @@ fn systemd_listen_fds() -> Option<(RawFd, RawFd)> {
 pub fn for_each_open_fd(f: &mut dyn FnMut(RawFd)) -> bool {
     use rustix::fs::{Mode, OFlags};
     if crate::watchdog::on_watchdog_thread() {
-        let Some(dir) = crate::ownfd::proc_fd_dir() else { return false };
+        let Some(dir) = crate::ownfd::proc_fd_dir() else { return probe_fds(f) };
         let fds = crate::ownfd::with(dir, |b| {
             rustix::fs::seek(b, rustix::fs::SeekFrom::Start(0)).ok()?;
             Some(read_fd_dir(b, None))
@@ -385,6 +385,21 @@ pub fn for_each_open_fd(f: &mut dyn FnMut(RawFd)) -> bool {
     drop(transient);
     for fd in fds {
         f(fd);
+    }
+    true
+}
+
+/// Without a /proc/self/fd of keepfix's own (lean mode, see ownfd::LEAN_BELOW): asks the
+/// kernel about each number below the soft limit, one fcntl(F_GETFD) each, opening nothing.
+fn probe_fds(f: &mut dyn FnMut(RawFd)) -> bool {
+    let Some(soft) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current else { return false };
+    if soft > crate::ownfd::LEAN_BELOW {
+        return false;
+    }
+    for fd in 0..soft as RawFd {
+        if sys::fd_exists(fd) {
+            f(fd);
+        }
     }
     true
 }

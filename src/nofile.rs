@@ -87,6 +87,13 @@ pub fn limit_changed() {
 /// keepfix's /dev/null, so it never takes a low number.
 pub fn open_reserve() {
     let r = RESERVE.load(Acquire);
+    if ownfd::lean() {
+        // No reserve below ownfd::LEAN_BELOW: that fd is the program's.
+        if r >= 0 && RESERVE.compare_exchange(r, -1, AcqRel, Acquire).is_ok() {
+            ownfd::close(r);
+        }
+        return;
+    }
     if r >= 0 && ownfd::is_own(r) {
         return;
     }

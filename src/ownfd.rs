@@ -20,6 +20,19 @@ use core::sync::atomic::{AtomicI32, AtomicU32, Ordering::*};
 use rustix::fd::{BorrowedFd, RawFd};
 use rustix::fs::{Mode, OFlags};
 
+/// Below this soft RLIMIT_NOFILE keepfix holds no fd of its own ("lean"): every fd would be one
+/// the program counts on (a server under `ulimit -n 16` serves a dozen clients), and placing
+/// them anywhere changes the numbers the program gets. The watchdog then finds CLOSE_WAIT by a
+/// TCP_INFO scan of its tracked sockets each tick (at most this many), counts fds by probing
+/// each number, and has no reserve fd for EMFILE. A log file, syslog or metrics, when asked for,
+/// still take theirs.
+pub const LEAN_BELOW: u64 = 64;
+
+/// Is the soft limit so low that keepfix holds no fd of its own? One getrlimit.
+pub fn lean() -> bool {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current.is_some_and(|s| s < LEAN_BELOW)
+}
+
 fn base() -> i32 {
     let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024);
     (soft.min(1024) as i32 - 16).max(3)
@@ -154,8 +167,22 @@ fn cached(cell: &AtomicI32, open: impl FnOnce() -> Option<RawFd>) -> Option<RawF
 /// takes the lowest free number for an instant, which on the watchdog's thread could race a
 /// program thread's own open() and hand it the next number instead.
 pub fn prepare() {
+    if lean() {
+        return;
+    }
     let _ = fd_dir();
     let _ = fd_table_size();
+}
+
+/// In lean mode (see [`LEAN_BELOW`]), from the watchdog: gives up the /proc files it holds (the
+/// program lowered its limit with setrlimit, say).
+pub fn shed() {
+    for c in [&PROC_FD, &PROC_STATUS] {
+        let fd = c.swap(-1, AcqRel);
+        if fd >= 0 && is_own(fd) {
+            close(fd);
+        }
+    }
 }
 
 /// Until when (coarse monotonic seconds) keepfix opens no /proc file again after giving its own
@@ -182,6 +209,9 @@ pub fn give_way() -> usize {
 }
 
 fn proc_file(cell: &AtomicI32, path: &str, flags: OFlags) -> Option<RawFd> {
+    if lean() {
+        return None;
+    }
     let until = GAVE_WAY_UNTIL.load(Relaxed);
     if until != 0 && sys::now_s() < until {
         let fd = cell.load(Acquire);

@@ -1,12 +1,16 @@
 //! A quiet guest: keepfix must not write where the program did not ask it to (G1), take the
-//! program's memory (G5) or its tasks (G8). Each test runs a C program from c-tests/ with and
+//! program's memory (G5), its fds (G6) or its tasks (G8), and that a number it closes is closed (G7). Each test runs a C program from c-tests/ with and
 //! without keepfix, with the default settings and again with KEEPFIX_CLOSE_WAIT=close.
 //!
 //! fails on 2eb0aae: 4 of the 5 tests, run before the fix. (a) the daemon's `wal` file (fd 2)
 //! held keepfix's `start` and `app_override` lines; (b) the socketpair's peer received 322 bytes
 //! of keepfix's lines; G5: malloc_fill got 78 MiB with keepfix against 143 MiB without (the
 //! watchdog's glibc arena); G8: fork_fill got 6 workers with keepfix against 7 without. The
-//! control (c) passes there too, as it must.
+//! control (c) passes there too, as it must. G6 (at_a_low_limit_keepfix_takes_none_of_the_programs_fds)
+//! fails on 2606c9b: under `ulimit -n 12` keepfix's epoll set, reserve and /proc files sat at
+//! fds 3..6 (the program's next numbers): the server accepted 4 clients against 8, on other numbers.
+//! G7 (a_close_everything_loop_closes_keepfix_fds_too) fails on 2eb0aae: close() of keepfix's
+//! fds returned EBADF while fcntl(F_GETFD) said they were open, and the daemon exited with 1.
 mod common;
 use common::*;
 use std::io::{BufRead, BufReader, Write};
@@ -282,6 +286,84 @@ const NPROC: u64 = 8;
 const NOBODY: u32 = 65534;
 /// The fork tests share user nobody's task count: one at a time.
 static NOBODY_TASKS: Mutex<()> = Mutex::new(());
+
+// --- G7: a closed number is closed --------------------------------------------------------------
+
+/// A daemon closes every fd whose fcntl(F_GETFD) succeeds and fails on a close() error: with
+/// keepfix's fds among them, each close returns 0 and the number is free afterwards, and keepfix
+/// goes on working (its fds made again elsewhere).
+#[test]
+fn a_close_everything_loop_closes_keepfix_fds_too() {
+    for preload in [false, true] {
+        for mode in MODES {
+            let mut r = with_mode(Run::new("guest_closeall"), mode);
+            if !preload {
+                r = r.plain();
+            }
+            let mut p = r.spawn();
+            let port = p.port();
+            let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let closed = p.expect("CLOSED");
+            let port2 = p.port();
+            let mut c2 = std::net::TcpStream::connect(("127.0.0.1", port2)).unwrap();
+            c2.write_all(b"ping\n").unwrap();
+            let served = p.expect("SERVED");
+            let err = p.stderr();
+            let st = wait_exit(p);
+            let what = format!("preload={preload} mode={mode:?}: {closed}, {served}\n{err}");
+            assert_eq!((field(&closed, "bad").as_str(), field(&closed, "still_open").as_str()), ("0", "0"), "{what}");
+            assert_eq!(field(&served, "ok"), "1", "{what}");
+            assert!(st.success(), "{what}");
+        }
+    }
+}
+
+// --- G6: keepfix takes none of the program's fds at a low limit ---------------------------------
+
+/// The fd numbers leak_noread_server accepts clients on under `ulimit -n LIMIT` (it keeps every
+/// connection): 30 clients try, one after the other, each kept open.
+fn accepted_numbers(limit: u64, preload: bool, mode: Option<&str>) -> Vec<i32> {
+    let mut r = with_mode(Run::new("leak_noread_server").nofile(limit).args(["0"]), mode);
+    if !preload {
+        r = r.plain();
+    }
+    let mut p = r.spawn();
+    let port = p.port();
+    let mut held = vec![];
+    let mut fds = vec![];
+    let mut at = p.lines_for(Duration::ZERO).len();
+    for _ in 0..30 {
+        let Ok(c) = std::net::TcpStream::connect(("127.0.0.1", port)) else { break };
+        held.push(c);
+        let lines = p.lines_for(Duration::from_millis(150));
+        let new = lines.get(at..).unwrap_or(&[]).iter().find(|l| l.starts_with("ACCEPT fd=")).cloned();
+        at = lines.len();
+        match new {
+            Some(l) => fds.push(field(&l, "fd").parse().unwrap()),
+            None => break,
+        }
+    }
+    drop(held);
+    fds
+}
+
+/// At `ulimit -n 12` and 16 the program accepts exactly as many clients as without keepfix, on
+/// exactly the same numbers: below 64 fds keepfix holds none of its own (no epoll set, no
+/// reserve, no /proc file; it scans its sockets and probes fd numbers instead).
+#[test]
+fn at_a_low_limit_keepfix_takes_none_of_the_programs_fds() {
+    for limit in [12, 16] {
+        let plain = accepted_numbers(limit, false, None);
+        assert!(!plain.is_empty(), "the control accepted nobody under {limit} fds");
+        for mode in MODES {
+            let with = accepted_numbers(limit, true, mode);
+            assert_eq!(
+                with, plain,
+                "ulimit -n {limit}, mode={mode:?}: the fd numbers accepted with keepfix, against without"
+            );
+        }
+    }
+}
 
 fn fork_workers(preload: bool, mode: Option<&str>) -> (u64, String) {
     let mut c = command("fork_fill", preload, mode, &[]);
