@@ -55,7 +55,8 @@ struct Outcome {
     fds_used: usize,
     fd_limit: Option<u64>,
     accept_errors: Option<u64>,
-    released: Option<u64>,
+    shut_down: Option<u64>,
+    freed: Option<u64>,
     keepfix_log: Vec<String>,
     elapsed: Duration,
 }
@@ -144,7 +145,8 @@ fn run_once(programs: &Programs, lib: Option<&Path>, clients: u32, interrupt: &I
         fds_used: report.fds.used,
         fd_limit: report.fds.soft_limit,
         accept_errors,
-        released: report.keepfix_metrics.map(|m| m.released),
+        shut_down: report.keepfix_metrics.as_ref().map(|m| m.shut_down),
+        freed: report.keepfix_metrics.as_ref().map(|m| m.released),
         keepfix_log: server.stderr_lines().into_iter().filter(|l| l.contains("keepfix[")).collect(),
         elapsed: started.elapsed(),
     })
@@ -166,7 +168,8 @@ fn figures(plain: &Outcome, kept: &Outcome, clients: u32) -> String {
         ["sockets left in CLOSE_WAIT".into(), plain.close_wait.to_string(), kept.close_wait.to_string()],
         ["fds in use / limit".into(), fds(plain), fds(kept)],
         ["accept() errors (EMFILE)".into(), opt(plain.accept_errors), opt(kept.accept_errors)],
-        ["sockets keepfix released".into(), "-".into(), opt(kept.released)],
+        ["sockets keepfix shut down".into(), "-".into(), opt(kept.shut_down)],
+        ["fd numbers keepfix freed".into(), "-".into(), opt(kept.freed)],
     ];
     let widths = [rows.iter().map(|r| r[0].len()).max().unwrap_or(0), 15, 12];
     let mut text = String::new();
@@ -212,7 +215,8 @@ fn verdict(plain: &Outcome, kept: &Outcome, clients: u32) -> String {
             "What you see: alone, the server kept every finished connection open in CLOSE_WAIT until its \
              {NOFILE} fds were gone, then could accept no one ({} of {clients} served); with keepfix, the \
              same unchanged binary served all {clients}, because keepfix found each forgotten socket in \
-             CLOSE_WAIT and released it.",
+             CLOSE_WAIT, shut it down, and freed its number once the table ran short (the program had \
+             read its EOF: it was done with it).",
             plain.served
         )
     } else if kept.served == all && kept.close_wait == 0 {

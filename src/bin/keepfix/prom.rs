@@ -17,9 +17,9 @@ pub struct KeepfixFigures {
     pub close_wait_found: u64,
     /// Sockets held in CLOSE_WAIT right now, found and not yet released.
     pub close_wait_held: u64,
-    /// Sockets keepfix released (closed) for the program.
+    /// fd numbers keepfix freed (vacated: the socket closed) for the program, in close mode.
     pub released: u64,
-    /// Sockets keepfix shut down (KEEPFIX_CLOSE_WAIT=shutdown).
+    /// Sockets keepfix shut down (KEEPFIX_CLOSE_WAIT=shutdown or close).
     pub shut_down: u64,
     /// accept() calls that failed with EMFILE or ENFILE.
     pub emfile_events: u64,
@@ -70,7 +70,7 @@ pub fn read(path: &Path) -> Option<KeepfixFigures> {
         age_seconds,
         close_wait_found: value("keepfix_close_wait_found_total", None),
         close_wait_held: value("keepfix_sockets", Some(("state", "close_wait"))),
-        released: value("keepfix_close_wait_actions_total", Some(("action", "shutdown"))),
+        released: value("keepfix_close_wait_actions_total", Some(("action", "vacated"))),
         shut_down: value("keepfix_close_wait_actions_total", Some(("action", "shutdown"))),
         emfile_events: value("keepfix_emfile_total", None),
         fds_used: value("keepfix_fds_used", None),
