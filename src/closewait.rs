@@ -431,10 +431,13 @@ impl Detector {
     fn release(&mut self, fd: RawFd, slot: &'static fdtable::Slot, m: Meta, _now: u64) -> Outcome {
         let Some(leak) = self.leaks.get(&fd) else { return Outcome::Gone };
         let ino = leak.ino;
-        if ownfd::lean() {
-            // No fd to spare for a duplicate (see ownfd::LEAN_BELOW): the socket is shut down at
-            // its number, inside the release protocol (a program close or dup2 of the number
-            // waits, bounded, or is handed over).
+        // High, so that it never takes the lowest free number a program thread is about to get.
+        let dup = if ownfd::lean() { None } else { ownfd::dup_high(fd) };
+        let Some(dup) = dup else {
+            // No fd to spare for a duplicate (lean mode, see ownfd::LEAN_BELOW, or no free
+            // number above keepfix's base): the socket is shut down at its number, inside the
+            // release protocol (a program close or dup2 of the number waits, bounded, or is
+            // handed over).
             let Some(rel) = slot.begin_release(fd, m) else { return Outcome::Raced };
             let outcome = self.release_through(fd, fd, ino, slot, m);
             let acted = matches!(outcome, Outcome::ShutDown(_) | Outcome::KeptSigpipe);
@@ -446,10 +449,6 @@ impl Detector {
                 }
             }
             return outcome;
-        }
-        // High, so that it never takes the lowest free number a program thread is about to get.
-        let Some(dup) = ownfd::dup_high(fd) else {
-            return Outcome::Raced;
         };
         let outcome = self.release_through(dup.raw(), fd, ino, slot, m);
         if let Outcome::ShutDown(_) | Outcome::KeptSigpipe = outcome {
