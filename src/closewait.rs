@@ -438,7 +438,7 @@ impl Detector {
             // number above keepfix's base): the socket is shut down at its number, inside the
             // release protocol (a program close or dup2 of the number waits, bounded, or is
             // handed over).
-            let Some(rel) = slot.begin_release(fd, m) else { return Outcome::Raced };
+            let Some(rel) = slot.begin_release(fd, m, ino) else { return Outcome::Raced };
             let outcome = self.release_through(fd, fd, ino, slot, m);
             let acted = matches!(outcome, Outcome::ShutDown(_) | Outcome::KeptSigpipe);
             let back = rel.with_state(State::Tracked).with_flags(if acted { flag::ACTED } else { 0 }, 0);
@@ -685,7 +685,7 @@ impl<const K: usize> Oldest<K> {
 fn vacate(rt: &Runtime, fd: RawFd, m: Meta, ino: u64) -> bool {
     let Some(s) = fdtable::slot(fd) else { return false };
     let _blocked = sys::SignalsBlocked::all();
-    let Some(rel) = s.begin_release(fd, m) else { return false };
+    let Some(rel) = s.begin_release(fd, m, ino) else { return false };
     let same = sys::borrow(fd).and_then(|b| rustix::fs::fstat(b).ok()).is_some_and(|st| st.st_ino == ino);
     if !same || forgotten(rt, fd, m, s).is_none() {
         s.end_release(fd, rel, rel.with_state(State::Tracked), false);

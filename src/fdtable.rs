@@ -236,6 +236,9 @@ static CHUNKS_ALLOCATED: AtomicUsize = AtomicUsize::new(0);
 static RELEASING: [AtomicI32; 8] = [const { AtomicI32::new(-1) }; 8];
 /// The thread doing each of those releases: a hook that waited in vain checks that it is alive.
 static RELEASER: [AtomicI32; 8] = [const { AtomicI32::new(0) }; 8];
+/// The inode of the socket each of those releases acts on: a hook that waited in vain checks
+/// whether the number still holds it (keepfix's close has not happened yet) or not.
+static RELEASE_INO: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 
 /// Counts fork() calls of this process and its ancestors since load: a socket seen before the
 /// latest fork may have a copy in a child process.
@@ -450,6 +453,28 @@ impl Slot {
         old
     }
 
+    /// After the bounded wait found keepfix still acting on this number (word `m`): does the
+    /// number still hold the object keepfix acts on (the socket being released, or keepfix's own
+    /// fd)? `Some(true)`: keepfix's own close has not happened, so a program close may be handed
+    /// over. `Some(false)`: keepfix closed it already (its thread stalled before it could say so)
+    /// and the number is empty or holds a new object, the program's: its close or dup2 goes on
+    /// as it would without keepfix. `None`: cannot tell (nothing recorded). One fstat.
+    pub fn holds_acted_object(&self, fd: RawFd, m: Meta) -> Option<bool> {
+        let want = match m.state() {
+            State::Releasing => {
+                let i = RELEASING.iter().position(|c| c.load(Acquire) == fd)?;
+                RELEASE_INO.get(i)?.load(Acquire)
+            }
+            State::Own => self.info.load(Relaxed),
+            _ => return None,
+        };
+        if want == 0 {
+            return None;
+        }
+        let now = crate::sys::borrow(fd).and_then(|b| rustix::fs::fstat(b).ok()).map(|st| st.st_ino);
+        Some(now == Some(want))
+    }
+
     /// The program closes a number that keepfix is still releasing (or using, for its own fd)
     /// after the bounded wait: hands the close over to keepfix (flag CLOSE_PENDING), which closes
     /// the number when it is done. Returns false if the slot settled meanwhile: claim again.
@@ -483,11 +508,15 @@ impl Slot {
     /// Starts a release of fd `fd`, inspected as `expected`: the watchdog's, or an accept() hook's
     /// at EMFILE. The fd is registered first, so that a fork() at any instant leaves the child
     /// able to undo a release whose thread it does not have (see [`after_fork_child`]).
-    pub fn begin_release(&self, fd: RawFd, expected: Meta) -> Option<Meta> {
+    /// `ino` is the inode of the socket the release acts on.
+    pub fn begin_release(&self, fd: RawFd, expected: Meta, ino: u64) -> Option<Meta> {
         let (i, cell) =
             RELEASING.iter().enumerate().find(|(_, c)| c.compare_exchange(-1, fd, AcqRel, Relaxed).is_ok())?;
         if let Some(t) = RELEASER.get(i) {
             t.store(rustix::thread::gettid().as_raw_nonzero().get(), Release);
+        }
+        if let Some(n) = RELEASE_INO.get(i) {
+            n.store(ino, Release);
         }
         let rel = expected.with_state(State::Releasing);
         match self.meta.compare_exchange(expected.0, rel.0, AcqRel, Acquire) {
@@ -545,9 +574,11 @@ impl Slot {
         });
     }
 
-    /// Marks one of keepfix's own fds.
-    pub fn set_own(&self) {
+    /// Marks one of keepfix's own fds, with the inode of what `fd` (this slot's number) holds.
+    pub fn set_own(&self, fd: RawFd) {
+        let ino = crate::sys::borrow(fd).and_then(|b| rustix::fs::fstat(b).ok()).map_or(0, |st| st.st_ino);
         self.update(|m| Some(Meta::new(State::Own, Role::Socket, false, 0, m.generation().wrapping_add(1))));
+        self.info.store(ino, Relaxed);
     }
 
     /// Starts a system call of keepfix's on its own fd at this number: Own → Own|BUSY, by a
@@ -698,8 +729,8 @@ mod tests {
         assert_eq!(s.claim().state(), State::Tracked);
         let again = s.track(5000, Role::Accepted, false, 0, 2);
         assert_ne!(seen, again);
-        assert!(s.begin_release(5000, seen).is_none());
-        let rel = s.begin_release(5000, again).unwrap();
+        assert!(s.begin_release(5000, seen, 0).is_none());
+        let rel = s.begin_release(5000, again, 0).unwrap();
         assert_eq!(s.load().state(), State::Releasing);
         assert!(s.end_release(5000, rel, rel.with_state(State::Vacated), true));
         assert_eq!(s.load().state(), State::Vacated);
@@ -711,7 +742,7 @@ mod tests {
     fn a_close_during_a_release_is_handed_over_and_done_by_the_releaser() {
         let s = slot_alloc(5003).unwrap();
         let m = s.track(5003, Role::Accepted, false, 0, 1);
-        let rel = s.begin_release(5003, m).unwrap();
+        let rel = s.begin_release(5003, m, 0).unwrap();
         // The program's close() finds the release still under way: claim leaves it alone.
         assert_eq!(s.claim().state(), State::Releasing);
         assert!(s.hand_over_close(s.load()));
@@ -725,7 +756,7 @@ mod tests {
     fn a_new_socket_at_the_number_wins_over_a_stale_release() {
         let s = slot_alloc(5004).unwrap();
         let m = s.track(5004, Role::Accepted, false, 0, 1);
-        let rel = s.begin_release(5004, m).unwrap();
+        let rel = s.begin_release(5004, m, 0).unwrap();
         // After the bounded wait, the kernel handed the number out afresh: that word stands.
         let fresh = s.track(5004, Role::Outbound, false, 0, 2);
         assert!(!s.still(rel));
@@ -736,10 +767,10 @@ mod tests {
     #[test]
     fn own_fds_are_given_up_to_a_claim_unless_busy() {
         let s = slot_alloc(5001).unwrap();
-        s.set_own();
+        s.set_own(5001);
         assert_eq!(s.claim().state(), State::Own);
         assert_eq!(s.load().state(), State::None);
-        s.set_own();
+        s.set_own(5001);
         let busy = s.begin_own_use().unwrap();
         assert_eq!(s.claim().state(), State::Own, "a busy own fd is left alone");
         assert!(s.load().has(flag::BUSY));

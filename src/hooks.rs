@@ -376,7 +376,7 @@ unsafe fn on_close(rt: &'static Runtime, fd: c_int) -> c_int {
         return unsafe { real::close(fd) };
     }
     let saved = errno();
-    match before_close(s) {
+    match before_close(s, fd) {
         Closing::HandedOver => {
             // keepfix is acting on this number right now and will close it when it is done: the
             // program's close has succeeded as far as it can tell.
@@ -418,11 +418,18 @@ enum Closing {
 }
 
 /// Forgets the number before the program closes it. Async-signal-safe.
-fn before_close(s: &'static fdtable::Slot) -> Closing {
+fn before_close(s: &'static fdtable::Slot, fd: c_int) -> Closing {
     loop {
         let old = s.claim();
         match old.state() {
             State::Releasing | State::Own if old.state() == State::Releasing || old.has(flag::BUSY) => {
+                // keepfix is still acting on the number after the bounded wait. If keepfix's own
+                // close of it is done already (its thread stalled before it said so), the number
+                // is the program's again: a plain close, which finds nothing (0) or the program's
+                // new file.
+                if s.holds_acted_object(fd, old) == Some(false) {
+                    return Closing::Vacated;
+                }
                 if s.hand_over_close(old) {
                     return Closing::HandedOver;
                 }
@@ -472,9 +479,14 @@ fn dup_onto(old: c_int, new: c_int, call: &mut dyn FnMut() -> c_int) -> c_int {
     let m = share(old);
     let ns = fdtable::slot(new);
     let prior = ns.map(|s| s.claim());
-    if prior.is_some_and(|p| p.state() == State::Releasing || (p.state() == State::Own && p.has(flag::BUSY))) {
-        set_errno(libc::EBUSY);
-        return -1;
+    let unsettled = |p: Meta| p.state() == State::Releasing || (p.state() == State::Own && p.has(flag::BUSY));
+    if let (Some(s), Some(p)) = (ns, prior.filter(|&p| unsettled(p))) {
+        // Still acting on it: EBUSY, unless keepfix's close of it is done already (then the
+        // number is the program's to fill).
+        if s.holds_acted_object(new, p) != Some(false) {
+            set_errno(libc::EBUSY);
+            return -1;
+        }
     }
     let r = call();
     if r < 0 {
@@ -579,7 +591,7 @@ fn claim_range(first: u32, last: u32) -> ([(u32, u32); 17], usize) {
         if s.load().state() == State::None {
             return;
         }
-        if let Closing::HandedOver = before_close(s) {
+        if let Closing::HandedOver = before_close(s, fd) {
             if let Some(o) = held.get_mut(n_held) {
                 *o = fd as u32;
                 n_held += 1;
@@ -682,7 +694,7 @@ fn closefrom_walk(lo: u32, hi: u32) {
     let close_one = |fd: u32| {
         if let Some(s) = fdtable::slot(fd as c_int) {
             if s.load().state() != State::None {
-                if let Closing::HandedOver = before_close(s) {
+                if let Closing::HandedOver = before_close(s, fd as c_int) {
                     return false;
                 }
             }
@@ -728,7 +740,7 @@ pub unsafe extern "C" fn fclose(fp: *mut libc::FILE) -> c_int {
         // SAFETY: the program's FILE, which fclose is about to use too.
         let fd = unsafe { libc::fileno(fp) };
         if let Some(s) = fdtable::slot(fd).filter(|s| s.load().state() != State::None) {
-            if let Closing::HandedOver = before_close(s) {
+            if let Closing::HandedOver = before_close(s, fd) {
                 // The C library closes the number itself, now: keepfix's release must not.
                 s.reset();
             }

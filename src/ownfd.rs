@@ -42,7 +42,7 @@ fn base() -> i32 {
 /// high number is free, it stays where it is.
 pub fn install(fd: Fd) -> Option<RawFd> {
     let fd = high(fd);
-    fdtable::slot_alloc(fd.raw())?.set_own();
+    fdtable::slot_alloc(fd.raw())?.set_own(fd.raw());
     Some(fd.into_raw())
 }
 
@@ -117,7 +117,7 @@ impl Temp {
     pub fn open(path: &str, flags: OFlags, mode: Mode) -> Result<Temp, rustix::io::Errno> {
         let fd = high(sys::own(rustix::fs::open(path, flags | OFlags::CLOEXEC, mode)?));
         if let Some(s) = fdtable::slot_alloc(fd.raw()) {
-            s.set_own();
+            s.set_own(fd.raw());
         }
         Ok(Temp(fd.into_raw()))
     }
@@ -239,7 +239,7 @@ fn fd_dir() -> Option<RawFd> {
 pub fn dup_own(src: RawFd) -> Option<RawFd> {
     let fd = with(src, |n| rustix::io::fcntl_dupfd_cloexec(n, base()).ok())??;
     let fd = sys::own(fd);
-    fdtable::slot_alloc(fd.raw())?.set_own();
+    fdtable::slot_alloc(fd.raw())?.set_own(fd.raw());
     Some(fd.into_raw())
 }
 

@@ -494,8 +494,12 @@ pub fn once<T: Send + Sync + 'static>(cell: &'static OnceLock<T>, f: impl FnOnce
 pub struct TempDir(PathBuf);
 
 impl TempDir {
+    /// A fresh directory, unique to this call: two tests of one binary run at once, and may use
+    /// the same name.
     pub fn new(name: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("keepfix-test-{name}-{}", std::process::id()));
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!("keepfix-test-{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         TempDir(d)
