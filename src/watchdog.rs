@@ -291,6 +291,12 @@ impl Paused {
         if matches!(self.why, Why::Unshare | Why::Setns) {
             ownfd::refresh_proc_files();
         }
+        if self.why == Why::Credentials {
+            // Only from a thread whose credentials are the process's (a raw setresuid of one
+            // thread, through syscall(3), leaves the others as they were): else the next
+            // listen/accept/connect of such a thread starts it.
+            CRED_CHECK.store(true, Relaxed);
+        }
         if restart {
             RESTART_WHY.store(self.why as u8, Relaxed);
             ensure_started(self.rt);
@@ -439,6 +445,7 @@ fn run(rt: &'static Runtime) {
     let interval = cfg.scan_interval_ms.max(1);
     let mut next = sys::now_ms();
     let mut poked = false;
+    let mut next_cred_check = 0;
     loop {
         let stop = STOP.load(Acquire);
         if stop != STOP_NONE {
@@ -456,7 +463,12 @@ fn run(rt: &'static Runtime) {
             end_thread(if stop == STOP_FORK { STOPPED } else { PAUSED });
             return;
         }
-        if credentials_differ() {
+        // At most every 250 ms: reading /proc/self/status takes the program's mmap lock, and
+        // poked ticks (a nearly full fd table) can come every millisecond.
+        if sys::now_ms() >= next_cred_check && {
+            next_cred_check = sys::now_ms() + 250;
+            credentials_differ()
+        } {
             report_deferred(&monitor);
             if !CRED_LOGGED.swap(true, Relaxed) {
                 log::emit(
