@@ -14,6 +14,7 @@ use crate::fdtable::{self, Meta, Role, State, flag};
 use crate::keepalive::{self, Opt};
 use crate::runtime::Runtime;
 use crate::sys::{self, errno, set_errno};
+use crate::watchdog::Why;
 use crate::{closewait, nofile, watchdog};
 use core::ffi::{c_int, c_uint, c_void};
 use libc::{fd_set, rlimit, sockaddr, socklen_t, timespec, timeval};
@@ -67,6 +68,7 @@ macro_rules! hooks {
             SYM_FCLOSE.resolve();
             SYM_SYSCALL.resolve();
             reads::resolve_all();
+            SYM_PRCTL.resolve();
         }
     };
 }
@@ -90,6 +92,19 @@ hooks! {
     fn prlimit(pid: libc::pid_t, resource: c_int, new: *const rlimit, old: *mut rlimit) -> c_int => on_prlimit;
     fn prlimit64(pid: libc::pid_t, resource: c_int, new: *const rlimit, old: *mut rlimit) -> c_int => on_prlimit64;
     fn fork() -> c_int => on_fork;
+    fn unshare(flags: c_int) -> c_int => on_unshare;
+    fn setns(fd: c_int, nstype: c_int) -> c_int => on_setns;
+    fn capset(hdr: *mut c_void, data: *const c_void) -> c_int => on_capset;
+    fn setuid(uid: libc::uid_t) -> c_int => on_setuid;
+    fn setgid(gid: libc::gid_t) -> c_int => on_setgid;
+    fn seteuid(uid: libc::uid_t) -> c_int => on_seteuid;
+    fn setegid(gid: libc::gid_t) -> c_int => on_setegid;
+    fn setreuid(r: libc::uid_t, e: libc::uid_t) -> c_int => on_setreuid;
+    fn setregid(r: libc::gid_t, e: libc::gid_t) -> c_int => on_setregid;
+    fn setresuid(r: libc::uid_t, e: libc::uid_t, s: libc::uid_t) -> c_int => on_setresuid;
+    fn setresgid(r: libc::gid_t, e: libc::gid_t, s: libc::gid_t) -> c_int => on_setresgid;
+    fn setgroups(n: usize, list: *const libc::gid_t) -> c_int => on_setgroups;
+    fn initgroups(user: *const core::ffi::c_char, group: libc::gid_t) -> c_int => on_initgroups;
 }
 
 // --- Reads: the program seeing the end of a connection ---------------------------------------
@@ -776,20 +791,6 @@ pub unsafe extern "C" fn syscall(
     e: usize,
     f: usize,
 ) -> libc::c_long {
-    if let Some(rt) = crate::runtime::active() {
-        let r = match n {
-            libc::SYS_close => Some(unsafe { on_close(rt, a as c_int) }),
-            libc::SYS_close_range => Some(unsafe { on_close_range(rt, a as c_uint, b as c_uint, c as c_int) }),
-            libc::SYS_dup => Some(unsafe { on_dup(rt, a as c_int) }),
-            #[cfg(target_arch = "x86_64")]
-            libc::SYS_dup2 => Some(unsafe { on_dup2(rt, a as c_int, b as c_int) }),
-            libc::SYS_dup3 => Some(unsafe { on_dup3(rt, a as c_int, b as c_int, c as c_int) }),
-            _ => None,
-        };
-        if let Some(r) = r {
-            return libc::c_long::from(r);
-        }
-    }
     let p = SYM_SYSCALL.get();
     if p.is_null() {
         set_errno(libc::ENOSYS);
@@ -797,7 +798,181 @@ pub unsafe extern "C" fn syscall(
     }
     // SAFETY: the C library's syscall(), with the program's arguments.
     let real: VariadicSyscall = unsafe { core::mem::transmute(p) };
-    unsafe { real(n, a, b, c, d, e, f) }
+    let call = || unsafe { real(n, a, b, c, d, e, f) };
+    let Some(rt) = crate::runtime::active() else { return call() };
+    let r = match n {
+        libc::SYS_close => Some(unsafe { on_close(rt, a as c_int) }),
+        libc::SYS_close_range => Some(unsafe { on_close_range(rt, a as c_uint, b as c_uint, c as c_int) }),
+        libc::SYS_dup => Some(unsafe { on_dup(rt, a as c_int) }),
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_dup2 => Some(unsafe { on_dup2(rt, a as c_int, b as c_int) }),
+        libc::SYS_dup3 => Some(unsafe { on_dup3(rt, a as c_int, b as c_int, c as c_int) }),
+        _ => None,
+    };
+    if let Some(r) = r {
+        return libc::c_long::from(r);
+    }
+    let why = match n {
+        libc::SYS_unshare if unshare_needs_one_thread(a as c_int) => Why::Unshare,
+        libc::SYS_setns if setns_needs_one_thread(b as c_int) => Why::Setns,
+        libc::SYS_seccomp if installs_seccomp(a) => Why::Seccomp,
+        libc::SYS_prctl if a as c_int == libc::PR_SET_SECCOMP && installs_seccomp_prctl(b) => Why::Seccomp,
+        libc::SYS_setuid
+        | libc::SYS_setgid
+        | libc::SYS_setreuid
+        | libc::SYS_setregid
+        | libc::SYS_setresuid
+        | libc::SYS_setresgid
+        | libc::SYS_setfsuid
+        | libc::SYS_setfsgid
+        | libc::SYS_setgroups
+        | libc::SYS_capset => Why::Credentials,
+        _ => return call(),
+    };
+    // A filter is in place unless the call failed, or a SECCOMP_FILTER_FLAG_TSYNC call returned
+    // the id of a thread it could not synchronise (NEW_LISTENER makes success an fd).
+    const TSYNC: usize = 1;
+    const NEW_LISTENER: usize = 8;
+    let tsync_failed = |r: libc::c_long| n == libc::SYS_seccomp && r > 0 && b & TSYNC != 0 && b & NEW_LISTENER == 0;
+    paused(rt, why, call, |&r| r == 0 || (r > 0 && !tsync_failed(r)))
+}
+
+// --- Calls keepfix's thread must step aside for -------------------------------------------------
+//
+// The kernel refuses some calls to a multi-threaded process; some change the calling thread's
+// credentials only (keepfix's thread must not keep more than the program's); glibc applies the
+// setuid family to every thread and aborts the process if the results differ (keepfix's thread,
+// holding no capability, would fail where the caller succeeds); a seccomp filter means keepfix
+// makes no system call of its own any more. Each hook ends keepfix's thread first (a bounded
+// wait, watchdog::pause), makes the real call, returns its result and errno as they came, and
+// starts the thread again afterwards, from the caller (so with its credentials and namespaces),
+// except after a seccomp filter took effect.
+
+/// Runs `call` with keepfix's thread out of the way; `took_effect` says whether a seccomp filter
+/// is now in place (the call succeeded).
+fn paused<R>(rt: &'static Runtime, why: Why, call: impl FnOnce() -> R, took_effect: impl Fn(&R) -> bool) -> R {
+    let p = watchdog::pause(rt, why);
+    let r = call();
+    p.resume(took_effect(&r));
+    r
+}
+
+/// unshare(2) returns EINVAL to a multi-threaded process for CLONE_NEWUSER (which implies
+/// CLONE_THREAD), CLONE_THREAD, CLONE_SIGHAND and CLONE_VM (kernel/fork.c,
+/// check_unshare_flags). Namespaces are per thread otherwise: CLONE_NEWNS, CLONE_NEWNET and the
+/// rest move the caller alone, and CLONE_FS gives it a copy of its own.
+fn unshare_needs_one_thread(flags: c_int) -> bool {
+    flags & (libc::CLONE_NEWUSER | libc::CLONE_THREAD | libc::CLONE_SIGHAND | libc::CLONE_VM) != 0
+}
+
+/// setns(2) refuses, to a thread that shares its process's filesystem attributes or to a
+/// multi-threaded process: a user namespace (EINVAL), a mount namespace (EINVAL: fs_struct shared
+/// with keepfix's thread, measured), a time namespace (EUSERS). nstype 0 (any type) and a pidfd's
+/// flags may be any of these: keepfix steps aside for them too.
+fn setns_needs_one_thread(nstype: c_int) -> bool {
+    const CLONE_NEWTIME: c_int = 0x80;
+    nstype == 0 || nstype & (libc::CLONE_NEWUSER | libc::CLONE_NEWNS | CLONE_NEWTIME) != 0
+}
+
+/// seccomp(2)'s SECCOMP_SET_MODE_STRICT (0) and SECCOMP_SET_MODE_FILTER (1).
+fn installs_seccomp(op: usize) -> bool {
+    op == 0 || op == 1
+}
+
+/// prctl(PR_SET_SECCOMP)'s SECCOMP_MODE_STRICT (1) and SECCOMP_MODE_FILTER (2).
+fn installs_seccomp_prctl(mode: usize) -> bool {
+    mode == 1 || mode == 2
+}
+
+unsafe fn on_unshare(rt: &'static Runtime, flags: c_int) -> c_int {
+    let call = || unsafe { real::unshare(flags) };
+    if !unshare_needs_one_thread(flags) {
+        return call();
+    }
+    paused(rt, Why::Unshare, call, |_| false)
+}
+
+unsafe fn on_setns(rt: &'static Runtime, fd: c_int, nstype: c_int) -> c_int {
+    let call = || unsafe { real::setns(fd, nstype) };
+    if !setns_needs_one_thread(nstype) {
+        return call();
+    }
+    paused(rt, Why::Setns, call, |_| false)
+}
+
+unsafe fn on_capset(rt: &'static Runtime, hdr: *mut c_void, data: *const c_void) -> c_int {
+    paused(rt, Why::Credentials, || unsafe { real::capset(hdr, data) }, |_| false)
+}
+
+unsafe fn on_setuid(rt: &'static Runtime, uid: libc::uid_t) -> c_int {
+    paused(rt, Why::Credentials, || unsafe { real::setuid(uid) }, |_| false)
+}
+
+unsafe fn on_setgid(rt: &'static Runtime, gid: libc::gid_t) -> c_int {
+    paused(rt, Why::Credentials, || unsafe { real::setgid(gid) }, |_| false)
+}
+
+unsafe fn on_seteuid(rt: &'static Runtime, uid: libc::uid_t) -> c_int {
+    paused(rt, Why::Credentials, || unsafe { real::seteuid(uid) }, |_| false)
+}
+
+unsafe fn on_setegid(rt: &'static Runtime, gid: libc::gid_t) -> c_int {
+    paused(rt, Why::Credentials, || unsafe { real::setegid(gid) }, |_| false)
+}
+
+unsafe fn on_setreuid(rt: &'static Runtime, r: libc::uid_t, e: libc::uid_t) -> c_int {
+    paused(rt, Why::Credentials, || unsafe { real::setreuid(r, e) }, |_| false)
+}
+
+unsafe fn on_setregid(rt: &'static Runtime, r: libc::gid_t, e: libc::gid_t) -> c_int {
+    paused(rt, Why::Credentials, || unsafe { real::setregid(r, e) }, |_| false)
+}
+
+unsafe fn on_setresuid(rt: &'static Runtime, r: libc::uid_t, e: libc::uid_t, s: libc::uid_t) -> c_int {
+    paused(rt, Why::Credentials, || unsafe { real::setresuid(r, e, s) }, |_| false)
+}
+
+unsafe fn on_setresgid(rt: &'static Runtime, r: libc::gid_t, e: libc::gid_t, s: libc::gid_t) -> c_int {
+    paused(rt, Why::Credentials, || unsafe { real::setresgid(r, e, s) }, |_| false)
+}
+
+unsafe fn on_setgroups(rt: &'static Runtime, n: usize, list: *const libc::gid_t) -> c_int {
+    paused(rt, Why::Credentials, || unsafe { real::setgroups(n, list) }, |_| false)
+}
+
+/// initgroups(3) calls glibc's own setgroups inside the C library, past our hook.
+unsafe fn on_initgroups(rt: &'static Runtime, user: *const core::ffi::c_char, group: libc::gid_t) -> c_int {
+    paused(rt, Why::Credentials, || unsafe { real::initgroups(user, group) }, |_| false)
+}
+
+// prctl(2) is variadic in C. The exported hook takes four unsigned longs after the option, which
+// is how the variadic ones arrive on x86_64 and aarch64 Linux, and forwards all four.
+static SYM_PRCTL: crate::real::Sym = crate::real::Sym::new(c"prctl");
+
+type VariadicPrctl = unsafe extern "C" fn(c_int, ...) -> c_int;
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn prctl(
+    option: c_int,
+    a: libc::c_ulong,
+    b: libc::c_ulong,
+    c: libc::c_ulong,
+    d: libc::c_ulong,
+) -> c_int {
+    let p = SYM_PRCTL.get();
+    if p.is_null() {
+        set_errno(libc::ENOSYS);
+        return -1;
+    }
+    // SAFETY: the C library's prctl(), with the program's arguments.
+    let real: VariadicPrctl = unsafe { core::mem::transmute(p) };
+    let call = || unsafe { real(option, a, b, c, d) };
+    match crate::runtime::active() {
+        Some(rt) if option == libc::PR_SET_SECCOMP && installs_seccomp_prctl(a as usize) => {
+            paused(rt, Why::Seccomp, call, |&r| r == 0)
+        }
+        _ => call(),
+    }
 }
 
 // --- fd limits --------------------------------------------------------------------------------

@@ -294,7 +294,13 @@ pub fn adopt_inherited(s: &Settings) {
         if result.is_ok() {
             slot.set_flags(flag::CONFIGURED, 0);
         }
-        crate::watchdog::want_start();
+        // An inherited connection can leak (inetd-style): it wants the watchdog before main(). A
+        // listener alone does not: its first accept() or listen() starts it, and until then the
+        // process stays single-threaded (a helper exec'd with an open listener can still enter a
+        // user namespace).
+        if role == Role::Inherited {
+            crate::watchdog::want_start();
+        }
         report_adopted(fd, role, v6, listen_fds.is_some_and(|(lo, hi)| (lo..hi).contains(&fd)), info, result);
     };
     if !for_each_open_fd(&mut adopt) {

@@ -230,6 +230,31 @@ fn proc_file(cell: &AtomicI32, path: &str, flags: OFlags) -> Option<RawFd> {
     cached(cell, || install(sys::own(rustix::fs::open(path, flags | OFlags::CLOEXEC, Mode::empty()).ok()?)))
 }
 
+/// After the process entered a namespace: opens /proc/self/fd and /proc/self/status again, from
+/// the program's thread (before the watchdog starts again). A /proc file shows ids as its
+/// opener's user namespace maps them, so the old ones would show the leader's ids as another
+/// namespace sees them. One that cannot be opened (a mount namespace whose /proc is another pid
+/// namespace's) stays as it was.
+pub fn refresh_proc_files() {
+    if PROC_PID.load(Relaxed) != sys::getpid() {
+        return;
+    }
+    for (cell, path, flags) in [
+        (&PROC_FD, "/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY),
+        (&PROC_STATUS, "/proc/self/status", OFlags::RDONLY),
+    ] {
+        let Some(new) =
+            rustix::fs::open(path, flags | OFlags::CLOEXEC, Mode::empty()).ok().and_then(|f| install(sys::own(f)))
+        else {
+            continue;
+        };
+        let old = cell.swap(new, AcqRel);
+        if old >= 0 {
+            close(old);
+        }
+    }
+}
+
 fn fd_dir() -> Option<RawFd> {
     proc_file(&PROC_FD, "/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY)
 }
@@ -273,4 +298,22 @@ pub fn fd_table_size() -> Option<u64> {
     let text = core::str::from_utf8(buf.get(..n)?).ok()?;
     let rest = text.get(text.find("FDSize:")? + 7..)?;
     rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The thread group leader's real, effective and saved uid, then gid, from /proc/self/status
+/// (which describes the leader), in the order of [`sys::thread_ids`].
+pub fn leader_ids() -> Option<[u32; 6]> {
+    let fd = proc_file(&PROC_STATUS, "/proc/self/status", OFlags::RDONLY)?;
+    let mut buf = [0u8; 2048];
+    let n = with(fd, |f| rustix::io::pread(f, &mut buf, 0).ok())??;
+    let text = core::str::from_utf8(buf.get(..n)?).ok()?;
+    let mut out = [0u32; 6];
+    for (k, key) in ["\nUid:", "\nGid:"].iter().enumerate() {
+        let rest = text.get(text.find(key)? + key.len()..)?;
+        let mut it = rest.split_whitespace();
+        for i in 0..3 {
+            *out.get_mut(k * 3 + i)? = it.next()?.parse().ok()?;
+        }
+    }
+    Some(out)
 }

@@ -20,7 +20,7 @@
 use crate::config::{self, Config};
 use crate::{fdtable, hooks, keepalive, log, metrics, nofile, sys, watchdog};
 use core::ffi::{c_char, c_int, c_void};
-use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering::*};
 use std::sync::OnceLock;
 
 pub struct Runtime {
@@ -41,11 +41,26 @@ static PID: AtomicI32 = AtomicI32::new(0);
 /// Threads of this process inside vfork() right now (see the vfork hook).
 static VFORK_DEPTH: AtomicU32 = AtomicU32::new(0);
 
-/// The runtime, if keepfix is active for this call: initialised, enabled, and not in a vfork
-/// child. An acquire load, plus a relaxed one.
+/// The program installed a seccomp filter: keepfix makes no system call of its own any more,
+/// and every hook passes straight through (see watchdog::pause).
+static SANDBOXED: AtomicBool = AtomicBool::new(false);
+
+pub fn sandboxed() -> bool {
+    SANDBOXED.load(Relaxed)
+}
+
+pub fn set_sandboxed() {
+    SANDBOXED.store(true, Release);
+}
+
+/// The runtime, if keepfix is active for this call: initialised, enabled, not sandboxed, and not
+/// in a vfork child. An acquire load, plus two relaxed ones.
 #[inline]
 pub fn active() -> Option<&'static Runtime> {
     let rt = RT.get()?;
+    if SANDBOXED.load(Relaxed) {
+        return None;
+    }
     if VFORK_DEPTH.load(Relaxed) != 0 && sys::getpid() != PID.load(Relaxed) {
         return None;
     }
@@ -97,6 +112,9 @@ pub fn init() {
 
 /// The destructor's work, at normal exit: what hooks deferred is written, the metrics file goes.
 pub fn fini() {
+    if sandboxed() {
+        return;
+    }
     watchdog::at_exit();
     metrics::remove_at_exit();
 }

@@ -365,3 +365,34 @@ pub fn thread_exists(tid: i32) -> bool {
 pub fn getpid() -> i32 {
     rustix::process::getpid().as_raw_nonzero().get()
 }
+
+/// This thread's real, effective and saved uid, then gid: getresuid and getresgid as raw
+/// syscalls (credentials are per thread to the kernel).
+pub fn thread_ids() -> [u32; 6] {
+    let mut u = [0u32; 3];
+    let mut g = [0u32; 3];
+    // SAFETY: the kernel writes three u32 into each array.
+    unsafe {
+        syscall5(
+            libc::SYS_getresuid as usize,
+            [(&raw mut u[0]) as usize, (&raw mut u[1]) as usize, (&raw mut u[2]) as usize, 0, 0],
+        );
+        syscall5(
+            libc::SYS_getresgid as usize,
+            [(&raw mut g[0]) as usize, (&raw mut g[1]) as usize, (&raw mut g[2]) as usize, 0, 0],
+        );
+    }
+    [u[0], u[1], u[2], g[0], g[1], g[2]]
+}
+
+/// Drops every capability of the calling thread (effective, permitted, inheritable; the ambient
+/// set goes with permitted): capset(2) for this thread alone, as a raw syscall. Always allowed.
+pub fn drop_capabilities() {
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = [VERSION_3, 0u32];
+    let data = [0u32; 6];
+    // SAFETY: a v3 header (pid 0: this thread) and two zeroed data structs.
+    let _ = unsafe {
+        syscall5(libc::SYS_capset as usize, [(&raw mut header) as usize, (&raw const data) as usize, 0, 0, 0])
+    };
+}

@@ -16,10 +16,20 @@
 //! be created, keepfix says so once and runs with hooks only; when the program's fork() fails with
 //! EAGAIN, the watchdog gives its task to the program (see [`give_way`]); and a forked child gets
 //! a watchdog of its own only while the task limit is far away (see [`prepare_fork`]).
+//!
+//! It needs nothing the program has but its fds and /proc/self: it drops every capability as it
+//! starts. It steps aside for calls that need a process without it (see [`pause`]): unshare and
+//! setns calls the kernel refuses to a multi-threaded process, credential changes (so that a new
+//! thread inherits the caller's), and a seccomp filter (for good: from then on keepfix makes no
+//! system call of its own). One protocol ends it in every case: the caller sets STOP to a reason,
+//! pokes the futex the thread sleeps on, and waits (at most 250 ms) until the kernel reports the
+//! thread's task gone. Each tick it also compares its uid and gid with the thread group
+//! leader's: a change made by raw system calls that it did not follow ends it, and the next
+//! listen/accept/connect starts a new one, with the caller's credentials.
 
 use crate::runtime::{self, Runtime};
 use crate::{closewait, keepalive, log, nofile, ownfd, sys};
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering::*};
 
 const IDLE: u8 = 0;
 const RUNNING: u8 = 1;
@@ -27,6 +37,39 @@ const FAILED: u8 = 2;
 /// It gave way (fork() needed its task, or its heap ran out): never started again here, nor in a
 /// child forked from here.
 const STOPPED: u8 = 3;
+/// It ended for a call that needed a process without it ([`pause`]), or because its credentials
+/// are not the program's any more: it may be started again.
+const PAUSED: u8 = 4;
+
+/// Why the thread is asked to end (STOP). The larger wins when two ask at once: the permanent
+/// reasons over a pause.
+const STOP_NONE: u8 = 0;
+const STOP_PAUSE: u8 = 1;
+const STOP_FORK: u8 = 2;
+const STOP_SANDBOX: u8 = 3;
+
+/// What a paused call was: the reason a restarted thread gives.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Why {
+    Unshare = 1,
+    Setns = 2,
+    Credentials = 3,
+    Seccomp = 4,
+    /// The thread found its credentials differ from the thread group leader's.
+    CredentialsChanged = 5,
+}
+
+impl Why {
+    fn name(v: u8) -> &'static str {
+        match v {
+            1 => "unshare",
+            2 => "setns",
+            3 => "credentials",
+            4 => "seccomp_failed",
+            _ => "credentials_changed",
+        }
+    }
+}
 
 static STATE: AtomicU8 = AtomicU8::new(IDLE);
 /// The last and the longest periodic tick, in nanoseconds, and the thread's CPU time: metrics.
@@ -48,8 +91,22 @@ static TID: AtomicI32 = AtomicI32::new(0);
 /// Sockets were adopted at load, or the parent's watchdog was running at fork: start it at the
 /// next safe point (before main, or in fork()'s child handler).
 static WANTED: AtomicBool = AtomicBool::new(false);
-/// The program's fork() asked the watchdog to end (give_way).
-static STOP: AtomicBool = AtomicBool::new(false);
+/// Someone asked the watchdog to end, and why (STOP_*).
+static STOP: AtomicU8 = AtomicU8::new(STOP_NONE);
+/// The task id of the thread that ended last: a stopper waits until the kernel has let it go.
+static LAST_TID: AtomicI32 = AtomicI32::new(0);
+/// Program threads inside a paused call: while any is, no thread is started.
+static PAUSERS: AtomicU32 = AtomicU32::new(0);
+/// A pause ended a thread (or refused a start) while another pause was still under way: the last
+/// one to end starts it again.
+static RESTART_PENDING: AtomicBool = AtomicBool::new(false);
+/// Why the next thread starts (a `Why`, 0 for the first start): its first line says so.
+static RESTART_WHY: AtomicU8 = AtomicU8::new(0);
+/// The thread ended because its credentials were not the leader's: a start first checks that the
+/// caller's are (else the new thread would end at once, and again at every accept()).
+static CRED_CHECK: AtomicBool = AtomicBool::new(false);
+/// `watchdog_stopped reason=credentials_changed` was logged.
+static CRED_LOGGED: AtomicBool = AtomicBool::new(false);
 /// Set by fork()'s prepare handler: the child may start a watchdog of its own.
 static CHILD_MAY_START: AtomicBool = AtomicBool::new(true);
 /// A `watchdog_unavailable` line was logged for forked children already.
@@ -83,10 +140,26 @@ pub fn ensure_started(rt: &'static Runtime) {
 
 #[cold]
 fn start(rt: &'static Runtime) {
-    if STATE.compare_exchange(IDLE, RUNNING, AcqRel, Relaxed).is_err() {
+    if runtime::sandboxed() || PAUSERS.load(SeqCst) != 0 {
         return;
     }
     let _errno = sys::ErrnoGuard::save();
+    if CRED_CHECK.load(Relaxed) && ownfd::leader_ids().is_some_and(|l| l != sys::thread_ids()) {
+        // This thread's credentials are not the process's (a raw setresuid of one thread): a
+        // thread started from it would end at its first tick. Another caller will start it.
+        return;
+    }
+    if STATE.compare_exchange(IDLE, RUNNING, SeqCst, Relaxed).is_err() {
+        return;
+    }
+    // Paired with pause(): a pauser that came between the check above and the exchange either
+    // sees RUNNING (and waits for the thread to end) or is seen here.
+    if PAUSERS.load(SeqCst) != 0 {
+        STATE.store(IDLE, SeqCst);
+        RESTART_PENDING.store(true, Relaxed);
+        return;
+    }
+    CRED_CHECK.store(false, Relaxed);
     // keepfix's long-lived fds are made here, in the program's thread, before the watchdog exists:
     // an open() takes the lowest free number for an instant, which must not race the program's
     // own allocation (a daemon's close(0); open("/dev/null") relies on getting 0).
@@ -125,30 +198,125 @@ fn start(rt: &'static Runtime) {
 }
 
 /// fork() failed with EAGAIN (RLIMIT_NPROC or pids.max): if the watchdog is running, ends it and
-/// waits (up to 250 ms, on this failure path only) until the kernel has given its task back, so that the program's fork() can
-/// be retried. From then on this process (and any child it forks) runs with hooks only. Returns
-/// true if the task was given back. Called from the program's thread, in the fork hook.
+/// waits (up to 250 ms, on this failure path only) until the kernel has given its task back, so
+/// that the program's fork() can be retried. From then on this process (and any child it forks)
+/// runs with hooks only. Returns true if the task was given back. Called from the program's
+/// thread, in the fork hook.
 pub fn give_way() -> bool {
-    if STATE.load(Acquire) != RUNNING || on_watchdog_thread() {
+    stop_thread(STOP_FORK)
+}
+
+/// Asks the running thread to end for `code` and waits (at most 250 ms) until its task is gone.
+/// True if a thread was running and is gone now; false if none was running, or it did not end in
+/// time (it still ends at its next tick, as asked). Never from the watchdog itself.
+fn stop_thread(code: u8) -> bool {
+    if on_watchdog_thread() {
         return false;
     }
-    let tid = TID.load(Acquire);
-    if tid == 0 {
-        return false;
-    }
-    STOP.store(true, Release);
-    closewait::poke();
     // The thread sleeps on a futex that poke() wakes, and its tick is milliseconds: it is gone
-    // in well under a millisecond. The bound only keeps a stopped thread from holding fork().
+    // in well under a millisecond. The bound only keeps a stuck thread from holding the caller.
     let deadline = sys::now_ms() + 250;
-    while sys::thread_exists(tid) {
+    let mut saw_running = false;
+    loop {
+        match STATE.load(SeqCst) {
+            RUNNING => {
+                saw_running = true;
+                STOP.fetch_max(code, AcqRel);
+                closewait::poke();
+            }
+            PAUSED | STOPPED | IDLE if saw_running => {
+                let tid = LAST_TID.load(Acquire);
+                if tid == 0 || !sys::thread_exists(tid) {
+                    return true;
+                }
+            }
+            _ => return false,
+        }
         if sys::now_ms() > deadline {
             return false;
         }
-        closewait::poke();
-        let _ = rustix::thread::nanosleep(&rustix::thread::Timespec { tv_sec: 0, tv_nsec: 1_000_000 });
+        let _ = rustix::thread::nanosleep(&rustix::thread::Timespec { tv_sec: 0, tv_nsec: 200_000 });
     }
-    true
+}
+
+/// A call that needs keepfix's thread out of the way is under way (see [`pause`]).
+pub struct Paused {
+    rt: &'static Runtime,
+    why: Why,
+    /// This pause ended a running thread: it starts one again.
+    stopped: bool,
+}
+
+/// Before a call that the kernel refuses to a multi-threaded process (unshare(CLONE_NEWUSER),
+/// setns into a user or mount namespace), that changes the calling thread's credentials only
+/// (capset, raw setresuid), or that glibc applies to every thread and that keepfix's thread,
+/// without capabilities, would fail (glibc aborts the process when its threads' results differ),
+/// or a seccomp filter: ends keepfix's thread (bounded, as give_way) and keeps it from starting
+/// until [`Paused::resume`]. Called from the program's thread, in a hook, where starting a thread
+/// afterwards is safe (these are not calls of a signal handler in practice). errno is kept.
+pub fn pause(rt: &'static Runtime, why: Why) -> Paused {
+    let _errno = sys::ErrnoGuard::save();
+    PAUSERS.fetch_add(1, SeqCst);
+    let code = if why == Why::Seccomp { STOP_SANDBOX } else { STOP_PAUSE };
+    let stopped = stop_thread(code);
+    if why == Why::Seccomp && !stopped && STATE.load(Acquire) != RUNNING {
+        // No thread of ours to write it: this one, before the filter is in place.
+        log_sandboxed();
+    }
+    Paused { rt, why, stopped }
+}
+
+impl Paused {
+    /// After the call. `took_effect`: a seccomp filter is in place (keepfix then stays out of the
+    /// way for good); ignored for the other calls, after which the thread is started again (with
+    /// the caller's credentials and namespaces) if this pause ended it. errno is kept.
+    pub fn resume(self, took_effect: bool) {
+        let _errno = sys::ErrnoGuard::save();
+        if self.why == Why::Seccomp && took_effect {
+            runtime::set_sandboxed();
+        }
+        let restart = self.stopped || RESTART_PENDING.swap(false, Relaxed);
+        if PAUSERS.fetch_sub(1, SeqCst) != 1 {
+            if restart {
+                RESTART_PENDING.store(true, Relaxed);
+            }
+            return;
+        }
+        if runtime::sandboxed() {
+            return;
+        }
+        let _ = STOP.compare_exchange(STOP_PAUSE, STOP_NONE, AcqRel, Relaxed);
+        let _ = STOP.compare_exchange(STOP_SANDBOX, STOP_NONE, AcqRel, Relaxed);
+        let _ = STATE.compare_exchange(PAUSED, IDLE, SeqCst, Relaxed);
+        if matches!(self.why, Why::Unshare | Why::Setns) {
+            ownfd::refresh_proc_files();
+        }
+        if self.why == Why::Credentials {
+            // Only from a thread whose credentials are the process's (a raw setresuid of one
+            // thread, through syscall(3), leaves the others as they were): else the next
+            // listen/accept/connect of such a thread starts it.
+            CRED_CHECK.store(true, Relaxed);
+        }
+        if restart {
+            RESTART_WHY.store(self.why as u8, Relaxed);
+            ensure_started(self.rt);
+        }
+    }
+}
+
+/// Called before a seccomp filter is installed, by the watchdog or (when it is not running) the
+/// hook itself. Once per process.
+fn log_sandboxed() {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if LOGGED.swap(true, Relaxed) {
+        return;
+    }
+    log::emit(
+        log::Level::Notice,
+        format_args!(
+            "sandboxed note=\"the program installs a seccomp filter: keepfix's thread ends and keepfix makes no system call of its own from now on (no keepalive on new sockets, no CLOSE_WAIT handling, fd warnings or metrics)\""
+        ),
+    );
 }
 
 /// Called by fork()'s prepare handler: decides whether the child may start a watchdog of its own.
@@ -201,6 +369,9 @@ pub fn out_of_memory() {
 
 extern "C" fn thread_main(arg: *mut libc::c_void) -> *mut libc::c_void {
     TID.store(rustix::thread::gettid().as_raw_nonzero().get(), Relaxed);
+    // keepfix acts only on its own process's fds and /proc/self: it needs no capability, and
+    // keeps none, whatever the program holds (capset of this thread alone).
+    sys::drop_capabilities();
     let _ = rustix::thread::set_name(c"keepfix");
     // SAFETY: the &'static Runtime passed to pthread_create.
     let rt: &'static Runtime = unsafe { &*(arg as *const Runtime) };
@@ -212,7 +383,15 @@ extern "C" fn thread_main(arg: *mut libc::c_void) -> *mut libc::c_void {
 /// (start_if_wanted). Async-signal-safe: a _Fork() child runs it from a hook.
 pub fn after_fork_child() {
     TID.store(0, Relaxed);
-    if STATE.load(Relaxed) == RUNNING {
+    LAST_TID.store(0, Relaxed);
+    // No pause of the parent's goes on here: the threads that made them did not come along.
+    PAUSERS.store(0, Relaxed);
+    let pending = RESTART_PENDING.swap(false, Relaxed);
+    if STOP.load(Relaxed) != STOP_FORK {
+        STOP.store(STOP_NONE, Relaxed);
+    }
+    let st = STATE.load(Relaxed);
+    if st == RUNNING || (st == PAUSED && !runtime::sandboxed()) || (st == IDLE && pending) {
         if CHILD_MAY_START.load(Relaxed) {
             STATE.store(IDLE, Relaxed);
             WANTED.store(true, Relaxed);
@@ -234,38 +413,74 @@ pub fn on_watchdog_thread() -> bool {
 
 fn run(rt: &'static Runtime) {
     let cfg = &rt.cfg;
-    log::emit(
-        log::Level::Info,
-        format_args!(
-            "start idle={}s intvl={}s cnt={} user_timeout={} close_wait={} close_wait_after={} scan_interval={} nofile_warn={} detection={}s",
-            cfg.idle_s,
-            cfg.intvl_s,
-            cfg.cnt,
-            cfg.show("KEEPFIX_USER_TIMEOUT"),
-            cfg.close_wait.name(),
-            cfg.show("KEEPFIX_CLOSE_WAIT_AFTER"),
-            cfg.show("KEEPFIX_SCAN_INTERVAL"),
-            cfg.show("KEEPFIX_NOFILE_WARN"),
-            cfg.detection_s()
-        ),
-    );
+    let why = RESTART_WHY.swap(0, Relaxed);
+    if why != 0 {
+        log::emit(
+            log::Level::Info,
+            format_args!(
+                "watchdog_restarted reason={} note=\"keepfix's thread stepped aside for the program's call and is back\"",
+                Why::name(why)
+            ),
+        );
+    } else {
+        log::emit(
+            log::Level::Info,
+            format_args!(
+                "start idle={}s intvl={}s cnt={} user_timeout={} close_wait={} close_wait_after={} scan_interval={} nofile_warn={} detection={}s",
+                cfg.idle_s,
+                cfg.intvl_s,
+                cfg.cnt,
+                cfg.show("KEEPFIX_USER_TIMEOUT"),
+                cfg.close_wait.name(),
+                cfg.show("KEEPFIX_CLOSE_WAIT_AFTER"),
+                cfg.show("KEEPFIX_SCAN_INTERVAL"),
+                cfg.show("KEEPFIX_NOFILE_WARN"),
+                cfg.detection_s()
+            ),
+        );
+    }
     let mut detector = closewait::Detector::new(rt);
     let mut monitor = nofile::Monitor::new();
     let mut metrics = crate::metrics::Writer::new(rt);
     let interval = cfg.scan_interval_ms.max(1);
     let mut next = sys::now_ms();
     let mut poked = false;
+    let mut next_cred_check = 0;
     loop {
-        if STOP.load(Acquire) {
+        let stop = STOP.load(Acquire);
+        if stop != STOP_NONE {
             report_deferred(&monitor);
-            log::emit(
-                log::Level::Warning,
-                format_args!(
-                    "watchdog_stopped reason=fork_eagain note=\"the program's fork() hit its task limit: keepfix's thread gives its task back and the fork is retried; keepalive goes on, CLOSE_WAIT, fd warnings and metrics do not\""
+            match stop {
+                STOP_FORK => log::emit(
+                    log::Level::Warning,
+                    format_args!(
+                        "watchdog_stopped reason=fork_eagain note=\"the program's fork() hit its task limit: keepfix's thread gives its task back and the fork is retried; keepalive goes on, CLOSE_WAIT, fd warnings and metrics do not\""
+                    ),
                 ),
-            );
-            STATE.store(STOPPED, Release);
-            TID.store(0, Release);
+                STOP_SANDBOX => log_sandboxed(),
+                _ => {}
+            }
+            end_thread(if stop == STOP_FORK { STOPPED } else { PAUSED });
+            return;
+        }
+        // At most every 250 ms: reading /proc/self/status takes the program's mmap lock, and
+        // poked ticks (a nearly full fd table) can come every millisecond.
+        if sys::now_ms() >= next_cred_check && {
+            next_cred_check = sys::now_ms() + 250;
+            credentials_differ()
+        } {
+            report_deferred(&monitor);
+            if !CRED_LOGGED.swap(true, Relaxed) {
+                log::emit(
+                    log::Level::Notice,
+                    format_args!(
+                        "watchdog_stopped reason=credentials_changed note=\"the program's uid or gid changed without keepfix's thread (a raw system call): the thread ends and starts again, with the program's credentials, at the next listen, accept or connect (logged once)\""
+                    ),
+                );
+            }
+            CRED_CHECK.store(true, Relaxed);
+            RESTART_WHY.store(Why::CredentialsChanged as u8, Relaxed);
+            end_thread(IDLE);
             return;
         }
         let now = sys::now_ms();
@@ -287,6 +502,19 @@ fn run(rt: &'static Runtime) {
         }
         poked = detector.wait(next.saturating_sub(sys::now_ms()).max(1));
     }
+}
+
+/// The thread's last act: says it is gone, as `state`.
+fn end_thread(state: u8) {
+    LAST_TID.store(TID.load(Relaxed), Release);
+    TID.store(0, Release);
+    STATE.store(state, SeqCst);
+}
+
+/// Are this thread's uid or gid (real, effective, saved) not the thread group leader's any more?
+/// One pread of /proc/self/status (the leader's) and two raw syscalls a tick.
+fn credentials_differ() -> bool {
+    ownfd::leader_ids().is_some_and(|l| l != sys::thread_ids())
 }
 
 /// Writes the lines hooks deferred. Also called by the destructor at exit, so that a short-lived
@@ -395,7 +623,8 @@ pub fn errno_name(e: i32) -> &'static str {
 
 /// At exit (the destructor): log what is still deferred.
 pub fn at_exit() {
-    if runtime::get().is_some() {
+    // Under the program's seccomp filter keepfix makes no system call, not even at exit.
+    if runtime::get().is_some() && !runtime::sandboxed() {
         report_deferred(&nofile::Monitor::new());
     }
 }
