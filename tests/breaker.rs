@@ -7,7 +7,7 @@
 //! documented limitation (ignored, with its reason).
 mod common;
 use common::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -21,23 +21,6 @@ fn stats(lines: &[String]) -> String {
 
 fn with_prefix(lines: &[String], p: &str) -> Vec<String> {
     lines.iter().filter(|l| l.starts_with(p)).cloned().collect()
-}
-
-/// Reads from `s` until EOF, an error or `deadline`.
-fn read_until(s: &mut TcpStream, deadline: Instant) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return got;
-        }
-        s.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
 }
 
 // ---- ptrace: holding keepfix's thread at one instant ------------------------------------------

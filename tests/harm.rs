@@ -84,23 +84,6 @@ fn close_mode(run: Run) -> Run {
     run.env("KEEPFIX_CLOSE_WAIT", "close").env("KEEPFIX_CLOSE_WAIT_AFTER", "0s").env("KEEPFIX_SCAN_INTERVAL", "100ms")
 }
 
-/// Reads from `s` until EOF, an error or `deadline`; returns what arrived.
-fn read_until(s: &mut TcpStream, deadline: Instant) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return got;
-        }
-        s.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
 /// Runs the control and the keepfix case side by side (each takes seconds of wall time, little
 /// CPU); fails with the keepfix case's message, or the control's.
 fn side_by_side(plain: impl FnOnce() + Send + 'static, kept: impl FnOnce() + Send + 'static) {

@@ -554,3 +554,20 @@ pub fn await_metrics(dir: &Path, pid: i32) -> HashMap<String, f64> {
     });
     found.unwrap()
 }
+
+/// Reads from `s` until EOF, an error or `deadline`; returns what arrived.
+pub fn read_until(s: &mut std::net::TcpStream, deadline: Instant) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return got;
+        }
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
