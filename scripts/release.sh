@@ -121,7 +121,7 @@ run scripts/check-glibc.sh --max "$glibc" "$out/keepfix" "$out/libkeepfix.so" ||
     die "the build needs a glibc newer than $glibc (see the symbols above); it would not load on old servers"
 
 step "verify: libkeepfix.so exports only its hooks"
-hooks="__libc_start_main __read_chk __recv_chk __recvfrom_chk accept accept4 close close_range closefrom connect dup dup2 dup3 fclose fcntl fcntl64 fork listen prlimit prlimit64 pselect read readv recv recvfrom recvmsg select setrlimit setrlimit64 setsockopt socket syscall vfork"
+hooks="__libc_start_main __read_chk __recv_chk __recvfrom_chk accept accept4 capset close close_range closefrom connect dup dup2 dup3 fclose fcntl fcntl64 fork initgroups listen prctl prlimit prlimit64 pselect read readv recv recvfrom recvmsg select setegid seteuid setgid setgroups setns setregid setresgid setresuid setreuid setrlimit setrlimit64 setsockopt setuid socket syscall unshare vfork"
 hooks=$(tr ' ' '\n' <<<"$hooks" | LC_ALL=C sort | paste -sd ' ' -)
 exported=$(nm -D --defined-only "$out/libkeepfix.so" | awk '{print $3}' | LC_ALL=C sort | paste -sd ' ' -)
 echo "exported: $exported"
