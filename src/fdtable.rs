@@ -192,6 +192,10 @@ impl Meta {
     pub fn is_tracked(self) -> bool {
         self.state() == State::Tracked
     }
+    /// keepfix is acting on the number: a release under way, or its own fd inside a system call.
+    pub fn is_unsettled(self) -> bool {
+        self.state() == State::Releasing || (self.state() == State::Own && self.has(flag::BUSY))
+    }
 }
 
 impl core::fmt::Debug for Meta {
@@ -321,7 +325,7 @@ pub const WAIT_US: u64 = 1000;
 
 /// Is this word one that a hook must wait for: a release, or keepfix's own fd in a system call?
 fn unsettled(m: Meta) -> bool {
-    m.state() == State::Releasing || (m.state() == State::Own && m.has(flag::BUSY))
+    m.is_unsettled()
 }
 
 /// Waits, at most [`WAIT_US`], for a `Releasing` slot (or a busy own fd) to settle, and returns
@@ -681,7 +685,7 @@ pub fn mark_all_dirty_again() {
 }
 
 /// After fork(), in the child: the releases under way in the parent's threads will not finish
-/// here. The child's fd is the socket or the placeholder, depending on when fork() came; the
+/// here. The child's fd is the socket, or already closed, depending on when fork() came; the
 /// child's watchdog checks what it is before doing anything.
 pub fn after_fork_child() {
     for c in RELEASING.iter() {

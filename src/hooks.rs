@@ -437,7 +437,7 @@ fn before_close(s: &'static fdtable::Slot, fd: c_int) -> Closing {
     loop {
         let old = s.claim();
         match old.state() {
-            State::Releasing | State::Own if old.state() == State::Releasing || old.has(flag::BUSY) => {
+            _ if old.is_unsettled() => {
                 // keepfix is still acting on the number after the bounded wait. If keepfix's own
                 // close of it is done already (its thread stalled before it said so), the number
                 // is the program's again: a plain close, which finds nothing (0) or the program's
@@ -455,8 +455,9 @@ fn before_close(s: &'static fdtable::Slot, fd: c_int) -> Closing {
     }
 }
 
-/// Marks `old` shared before it is duplicated, so that the watchdog never swaps a placeholder in
-/// under a socket that another fd still refers to. Returns its word, if it is tracked.
+/// Marks `old` shared before it is duplicated, so that keepfix never frees the number of a socket
+/// another fd still refers to, and waits longer before shutting it down. Returns its word, if it
+/// is tracked.
 fn share(old: c_int) -> Option<Meta> {
     let s = fdtable::slot(old)?;
     s.load().is_tracked().then(|| s.set_flags(flag::SHARED, 0)).filter(|m| m.is_tracked())
@@ -494,8 +495,7 @@ fn dup_onto(old: c_int, new: c_int, call: &mut dyn FnMut() -> c_int) -> c_int {
     let m = share(old);
     let ns = fdtable::slot(new);
     let prior = ns.map(|s| s.claim());
-    let unsettled = |p: Meta| p.state() == State::Releasing || (p.state() == State::Own && p.has(flag::BUSY));
-    if let (Some(s), Some(p)) = (ns, prior.filter(|&p| unsettled(p))) {
+    if let (Some(s), Some(p)) = (ns, prior.filter(|p| p.is_unsettled())) {
         // Still acting on it: EBUSY, unless keepfix's close of it is done already (then the
         // number is the program's to fill).
         if s.holds_acted_object(new, p) != Some(false) {

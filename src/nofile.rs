@@ -297,7 +297,8 @@ pub fn limits() -> (u64, u64) {
     (l.current.unwrap_or(u64::MAX), l.maximum.unwrap_or(u64::MAX))
 }
 
-/// The watchdog's side: counts, warnings, and freeing placeholders near the limit.
+/// The watchdog's side: counts, warnings, and freeing the numbers of forgotten sockets near the
+/// limit.
 pub struct Monitor {
     level: u8,
     last_used: u64,
