@@ -435,4 +435,16 @@ static inline int shut_down_by_keepfix(int fd)
     return ti.tcpi_state == TCP_CLOSE || ti.tcpi_state == TCP_LAST_ACK;
 }
 
+/* Opens /dev/null until the highest fd is `upto` (the table filled below it); returns it. */
+static UNUSED int fill_fds_to(int upto)
+{
+    int last = -1;
+    while (last < upto) {
+        last = open("/dev/null", O_RDONLY);
+        if (last < 0)
+            die("open filler:");
+    }
+    return last;
+}
+
 #endif
