@@ -333,3 +333,55 @@ fn sigpipe_back_to_default_after_a_release() {
     use std::os::unix::process::ExitStatusExt;
     assert_ne!(st.signal(), Some(libc::SIGPIPE), "keepfix: the program was killed by SIGPIPE; it wrote {lines:?}");
 }
+
+// Attack 6 (dupsweep): keepfix shuts a forgotten socket down through a private duplicate at a
+// high number. A sweeper thread of the program close_range()s 1012..1023 (where those duplicates
+// land under a 1024-fd limit) and dup2()s its live connections onto those numbers, over and over,
+// while a leaky accept loop gives keepfix thousands of sockets to shut down. Had keepfix's
+// shutdown gone through a number the sweeper had refilled, a live client would get a FIN.
+// Check: the live clients get no EOF, and the program's live sockets are ESTABLISHED at the end.
+// Open (see the closing note of stop 10): keepfix's duplicate is an unmarked fd, so nothing stops
+// the sweep from taking it between keepfix's inode check and its shutdown(). Making it an own fd
+// (Own|BUSY while used) closes that window but did not make this test pass, and slowed the
+// watchdog enough to make stress.rs's vacate-line assertion flaky; it was not kept.
+#[test]
+#[ignore = "unresolved: with keepfix 1-3 of 4 live connections end not ESTABLISHED; the plain control hangs once its table is full, so keepfix's part is not yet told from the program's own races (see the closing note of stop 10)"]
+fn a_sweep_over_keepfixs_duplicates_never_shuts_a_live_connection() {
+    sweep_run(Run::new("break_dupsweep").plain(), false);
+    sweep_run(close_mode(Run::new("break_dupsweep")), true);
+}
+
+fn sweep_run(run: Run, keepfix: bool) {
+    let mut p = run.nofile(1024).args(["--live", "4", "--seconds", "4"]).spawn();
+    let port = p.port();
+    let mut live: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    for _ in 0..4 {
+        p.expect("LIVE");
+    }
+    let deadline = Instant::now() + Duration::from_millis(3800);
+    let mut made = 0;
+    while Instant::now() < deadline {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        if let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_millis(50)) {
+            let _ = c.write_all(b"x\n");
+            made += 1;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let s = p.expect_within("STATS", Duration::from_secs(10));
+    let shut = p.log_lines("action=shutdown").len();
+    let (_, st) = p.finish();
+    assert!(st.success(), "{s}");
+    for (i, c) in live.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut b = [0u8; 1];
+        // Still open when the program ended: exit closes it, so EOF now is expected; what must
+        // not have happened is keepfix's shutdown before that, which the program saw itself.
+        let _ = std::io::Read::read(c, &mut b);
+        let _ = i;
+    }
+    assert_eq!(field(&s, "live_broken"), "0", "keepfix={keepfix}: a live connection was shut down: {s}");
+    assert!(made > 1000, "too few leaks to prove anything: {made}; {s}");
+    assert!(!keepfix || shut > 100, "keepfix shut down only {shut} sockets: {s}");
+    assert!(field(&s, "sweeps").parse::<u64>().unwrap() > 1000, "{s}");
+}
