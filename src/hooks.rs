@@ -146,6 +146,9 @@ macro_rules! read_hooks {
                     if $r <= 0 && crate::runtime::active().is_some() {
                         read_end($fd, $r, $room);
                     }
+                    if crate::watchdog::is_lazy() {
+                        lazy_read($fd);
+                    }
                     $r
                 }
             )*
@@ -182,6 +185,18 @@ fn read_end(fd: c_int, r: isize, room: bool) {
         if m.is_tracked() && !m.has(flag::SAW_EOF) {
             s.set_flags(flag::SAW_EOF, 0);
         }
+    }
+}
+
+/// A read in a forked child that has no watchdog yet: one on a TCP socket keepfix tracks may
+/// start the child's own, once the child has outlived a scan tick (watchdog::child_due). That is
+/// how a long-lived child (a database backend serving one client for hours) is covered, while a
+/// child that serves one request and exits never gets a thread. Leaves errno alone.
+#[cold]
+fn lazy_read(fd: c_int) {
+    let Some(rt) = crate::runtime::active() else { return };
+    if fdtable::slot(fd).is_some_and(|s| s.load().is_tracked()) {
+        watchdog::child_due(rt);
     }
 }
 
@@ -242,6 +257,7 @@ unsafe fn on_listen(rt: &'static Runtime, fd: c_int, backlog: c_int) -> c_int {
 }
 
 unsafe fn on_accept(rt: &'static Runtime, fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    watchdog::child_accepting(rt);
     let r = unsafe { real::accept(fd, addr, len) };
     if r >= 0 {
         on_accepted(rt, fd, r);
@@ -257,6 +273,7 @@ unsafe fn on_accept(rt: &'static Runtime, fd: c_int, addr: *mut sockaddr, len: *
 }
 
 unsafe fn on_accept4(rt: &'static Runtime, fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    watchdog::child_accepting(rt);
     let r = unsafe { real::accept4(fd, addr, len, flags) };
     if r >= 0 {
         on_accepted(rt, fd, r);
@@ -285,6 +302,7 @@ fn on_accepted(rt: &'static Runtime, lfd: c_int, nfd: c_int) {
     let inherited = lm.has(flag::CONFIGURED) && !lm.has(flag::CHECK_ACCEPTED);
     let flags = flag::CONNECTED | app | if inherited { flag::CONFIGURED } else { 0 };
     ns.track(nfd, Role::Accepted, lm.v6(), flags, sys::now_s());
+    watchdog::child_connection(nfd, ns.load().generation());
     if !inherited {
         if lm.has(flag::CHECK_ACCEPTED) && lm.has(flag::CONFIGURED) && keepalive::has_ours(nfd, &rt.ka, app) {
             // This connection completed its handshake after keepfix configured the listener. The
@@ -321,6 +339,9 @@ unsafe fn on_connect(rt: &'static Runtime, fd: c_int, addr: *const sockaddr, len
         s.update(|m| m.is_tracked().then(|| outbound(m).with_flags(flag::CONNECTED, flag::CONNECTING)));
     } else if e == libc::EINPROGRESS {
         s.update(|m| m.is_tracked().then(|| outbound(m).with_flags(flag::CONNECTING, 0)));
+    }
+    if r == 0 || e == libc::EINPROGRESS {
+        watchdog::child_connection(fd, s.load().generation());
     }
     watchdog::ensure_started(rt);
     set_errno(e);

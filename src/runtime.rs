@@ -116,7 +116,9 @@ pub fn fini() {
         return;
     }
     watchdog::at_exit();
-    metrics::remove_at_exit();
+    if watchdog::ran_here() {
+        metrics::remove_at_exit();
+    }
 }
 
 extern "C" fn atfork_prepare() {
@@ -129,10 +131,6 @@ extern "C" fn atfork_child() {
         w.store(FORK_REPAIRING, Release);
     }
     repair_child();
-    if let Some(rt) = RT.get() {
-        // fork() itself is no more async-signal-safe than pthread_create(): this is a safe point.
-        watchdog::start_if_wanted(rt);
-    }
 }
 
 /// What a child must fix in the state it copied. Async-signal-safe.

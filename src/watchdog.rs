@@ -40,6 +40,9 @@ const STOPPED: u8 = 3;
 /// It ended for a call that needed a process without it ([`pause`]), or because its credentials
 /// are not the program's any more: it may be started again.
 const PAUSED: u8 = 4;
+/// A forked child whose parent's watchdog was running: it gets one of its own only when it
+/// outlives a scan tick and still uses TCP (see [`child_due`]); until then it costs nothing.
+const LAZY: u8 = 5;
 
 /// Why the thread is asked to end (STOP). The larger wins when two ask at once: the permanent
 /// reasons over a pause.
@@ -111,6 +114,20 @@ static CRED_LOGGED: AtomicBool = AtomicBool::new(false);
 static CHILD_MAY_START: AtomicBool = AtomicBool::new(true);
 /// A `watchdog_unavailable` line was logged for forked children already.
 static CHILDREN_LOGGED: AtomicBool = AtomicBool::new(false);
+/// When prepare_fork last read the task limit (ms): it reads it at most once a second, so that a
+/// fork-per-connection server pays no system call per fork.
+static CHILD_CHECKED_MS: AtomicU64 = AtomicU64::new(0);
+/// In a LAZY child: the time (ms) from which a hook may start its watchdog.
+static LAZY_DUE_MS: AtomicU64 = AtomicU64::new(0);
+/// This process is a forked child (its tree's `start` line is its ancestor's).
+static IS_CHILD: AtomicBool = AtomicBool::new(false);
+/// A watchdog thread ran in this process (it may have written a metrics file).
+static RAN_HERE: AtomicBool = AtomicBool::new(false);
+
+/// A watchdog thread has run in this process.
+pub fn ran_here() -> bool {
+    RAN_HERE.load(Relaxed)
+}
 
 pub fn want_start() {
     WANTED.store(true, Relaxed);
@@ -133,9 +150,79 @@ pub fn start_if_wanted(rt: &'static Runtime) {
 #[inline]
 pub fn ensure_started(rt: &'static Runtime) {
     runtime::check_forked();
-    if STATE.load(Relaxed) == IDLE {
-        start(rt);
+    match STATE.load(Relaxed) {
+        IDLE => start(rt),
+        LAZY => child_due(rt),
+        _ => {}
     }
+}
+
+/// In a forked child that has no watchdog yet (LAZY): starts one once the child has lived a scan
+/// tick. Called by listen/accept/connect, and by the read family on a TCP socket keepfix tracks
+/// (never by close or dup, which signal handlers call). One relaxed load anywhere else; here a
+/// vDSO clock read, no system call, until it is due.
+#[inline]
+pub fn child_due(rt: &'static Runtime) {
+    if STATE.load(Relaxed) == LAZY && sys::now_ms() >= LAZY_DUE_MS.load(Relaxed) {
+        start_child(rt);
+    }
+}
+
+/// Is this process a forked child without a watchdog yet? One relaxed load.
+#[inline]
+pub fn is_lazy() -> bool {
+    STATE.load(Relaxed) == LAZY
+}
+
+/// The last connection a LAZY child accepted or connected: (fd << 32) | generation, or 0.
+static CHILD_CONN: AtomicU64 = AtomicU64::new(0);
+
+/// A LAZY child accepted or connected `fd` (slot generation `generation`).
+#[inline]
+pub fn child_connection(fd: i32, generation: u32) {
+    if is_lazy() {
+        CHILD_CONN.store((u64::from(fd as u32) << 32) | u64::from(generation), Relaxed);
+    }
+}
+
+/// A LAZY child is about to block in accept(): if it still holds the last connection it accepted
+/// (a prefork worker that left it open), it needs a watchdog now, whatever its age: nothing else
+/// may run in it for hours. Two loads when it closed it.
+#[inline]
+pub fn child_accepting(rt: &'static Runtime) {
+    if !is_lazy() {
+        return;
+    }
+    let c = CHILD_CONN.load(Relaxed);
+    if c == 0 {
+        return child_due(rt);
+    }
+    let (fd, generation) = ((c >> 32) as i32, c as u32);
+    if crate::fdtable::slot(fd).is_some_and(|s| {
+        let m = s.load();
+        m.is_tracked() && m.generation() == generation
+    }) {
+        start_child(rt);
+    } else {
+        child_due(rt);
+    }
+}
+
+#[cold]
+fn start_child(rt: &'static Runtime) {
+    if STATE.compare_exchange(LAZY, IDLE, SeqCst, Relaxed).is_err() {
+        return;
+    }
+    let _errno = sys::ErrnoGuard::save();
+    // The task limit, as prepare_fork would have checked it: only the parent can give a task back.
+    if !tasks_far_away() {
+        STATE.store(STOPPED, Relaxed);
+        return;
+    }
+    // What the child copied of the parent's own fds is closed now, not at fork: a child that
+    // never needs a watchdog pays nothing for it.
+    settle_inherited_fds();
+    start(rt);
 }
 
 #[cold]
@@ -325,16 +412,27 @@ fn log_sandboxed() {
 /// one only if RLIMIT_NPROC is unlimited, the real user is root (who is not held to it), or the
 /// soft limit is more than twice the number of tasks on the whole system (an upper bound of this
 /// user's count) plus 64.
+/// The answer is read at most once a second (a vDSO clock read otherwise): a fork-per-connection
+/// server pays no system call per fork.
 pub fn prepare_fork() {
     if STATE.load(Relaxed) != RUNNING {
         return;
     }
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nproc).current;
-    let ok = match limit {
+    let now = sys::now_ms();
+    if now < CHILD_CHECKED_MS.load(Relaxed) + 1000 && CHILD_CHECKED_MS.load(Relaxed) != 0 {
+        return;
+    }
+    CHILD_CHECKED_MS.store(now, Relaxed);
+    CHILD_MAY_START.store(tasks_far_away(), Relaxed);
+}
+
+/// RLIMIT_NPROC is unlimited, the real user is root, or the soft limit is more than twice the
+/// number of tasks on the whole system plus 64.
+fn tasks_far_away() -> bool {
+    match rustix::process::getrlimit(rustix::process::Resource::Nproc).current {
         None => true,
         Some(l) => rustix::process::getuid().is_root() || l > 2 * sys::system_tasks() + 64,
-    };
-    CHILD_MAY_START.store(ok, Relaxed);
+    }
 }
 
 /// After a successful fork(), in the parent: says once that children run without a watchdog.
@@ -390,17 +488,31 @@ pub fn after_fork_child() {
     if STOP.load(Relaxed) != STOP_FORK {
         STOP.store(STOP_NONE, Relaxed);
     }
+    IS_CHILD.store(true, Relaxed);
+    RAN_HERE.store(false, Relaxed);
     let st = STATE.load(Relaxed);
-    if st == RUNNING || (st == PAUSED && !runtime::sandboxed()) || (st == IDLE && pending) {
+    if st == RUNNING || (st == PAUSED && !runtime::sandboxed()) || (st == IDLE && pending) || st == LAZY {
         if CHILD_MAY_START.load(Relaxed) {
-            STATE.store(IDLE, Relaxed);
-            WANTED.store(true, Relaxed);
+            let tick = runtime::get().map_or(1000, |rt| rt.cfg.scan_interval_ms.max(1));
+            LAZY_DUE_MS.store(sys::now_ms() + tick, Relaxed);
+            STATE.store(LAZY, Relaxed);
         } else {
             STATE.store(STOPPED, Relaxed);
         }
     }
     // Releases the parent had under way first: the rest may touch those slots.
     crate::fdtable::after_fork_child();
+    // Closing the copies of the parent's own fds (system calls) waits until this child starts a
+    // watchdog of its own, if it ever does. (The parent's /proc/self files are never read here:
+    // ownfd reopens them when its pid differs.)
+    if STATE.load(Relaxed) != LAZY {
+        settle_inherited_fds();
+    }
+}
+
+/// Closes what a forked child copied of the parent's own fds (keeping the reserve and the log's
+/// fd), before a watchdog of its own makes new ones.
+fn settle_inherited_fds() {
     let keep = [nofile::reserve_fd(), log::own_fd()];
     ownfd::after_fork_child(&keep);
     closewait::after_fork_child();
@@ -413,6 +525,7 @@ pub fn on_watchdog_thread() -> bool {
 
 fn run(rt: &'static Runtime) {
     let cfg = &rt.cfg;
+    RAN_HERE.store(true, Relaxed);
     let why = RESTART_WHY.swap(0, Relaxed);
     if why != 0 {
         log::emit(
@@ -422,7 +535,8 @@ fn run(rt: &'static Runtime) {
                 Why::name(why)
             ),
         );
-    } else {
+    } else if !IS_CHILD.load(Relaxed) {
+        // A forked child logs only what it does: its tree's `start` line is its ancestor's.
         log::emit(
             log::Level::Info,
             format_args!(
