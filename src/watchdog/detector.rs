@@ -1,5 +1,6 @@
-//! CLOSE_WAIT: finding the sockets a program forgot (the peer closed, the program never did) and
-//! logging, shutting down or freeing them, without ever harming the program.
+//! The CLOSE_WAIT detector, on the watchdog's thread: finds the sockets a program forgot (the
+//! peer closed, the program never did), and logs, shuts down or frees them by the rules of
+//! hooksafe::release, without ever harming the program.
 //!
 //! ## Detection: cost grows with leaks, not with connections
 //! Every connection that outlives a scan tick is added once to the watchdog's own edge-triggered
@@ -30,88 +31,16 @@
 
 use crate::addr;
 use crate::config::{CloseWaitMode, Unread};
-use crate::fdtable::{self, Meta, Role, State, flag};
-use crate::log::{Level, emit};
-use crate::ownfd;
-use crate::runtime::Runtime;
+use crate::hooksafe::fdtable::{self, Meta, Role, State, flag};
+use crate::hooksafe::log::{Level, emit};
+use crate::hooksafe::release::{self, FOUND, LOGGED, SHUT, UNREAD_KEPT, in_use, mark_acted, unread_bytes};
+use crate::hooksafe::settings::Runtime;
+use crate::hooksafe::{ownfd, wake};
 use crate::sys::{self, tcp_state};
-use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
+use core::sync::atomic::Ordering::*;
 use rustix::event::epoll;
 use rustix::fd::RawFd;
 use std::collections::HashMap;
-
-/// Totals since load, for metrics and summaries.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Totals {
-    pub found: u64,
-    pub logged: u64,
-    pub shutdown: u64,
-    pub vacated: u64,
-    pub unread_kept: u64,
-}
-
-static FOUND: AtomicU64 = AtomicU64::new(0);
-static LOGGED: AtomicU64 = AtomicU64::new(0);
-static SHUT: AtomicU64 = AtomicU64::new(0);
-static VACATED: AtomicU64 = AtomicU64::new(0);
-static UNREAD_KEPT: AtomicU64 = AtomicU64::new(0);
-/// The program closed a number keepfix had vacated.
-static PROGRAM_CLOSED: AtomicU64 = AtomicU64::new(0);
-/// The watchdog's epoll set.
-static EPOLL: AtomicI32 = AtomicI32::new(-1);
-/// A hook asked for a tick now (the fd table is nearly full): the watchdog sleeps on this word
-/// (a futex: no fd, so nothing of keepfix's can be written into a number the program reused).
-static POKE: AtomicU32 = AtomicU32::new(0);
-
-/// Makes the epoll set, in the hook that starts the watchdog (see ownfd on why).
-pub fn prepare(_rt: &Runtime) {
-    if EPOLL.load(Acquire) >= 0 || ownfd::lean() {
-        return;
-    }
-    if let Some(ep) = epoll::create(epoll::CreateFlags::CLOEXEC).ok().and_then(|e| ownfd::install(sys::own(e))) {
-        EPOLL.store(ep, Release);
-    }
-}
-
-/// The epoll set's fd, if keepfix still holds it.
-pub fn epoll_fd() -> Option<RawFd> {
-    Some(EPOLL.load(Acquire)).filter(|&e| e >= 0 && ownfd::is_own(e))
-}
-
-/// Wakes the watchdog for a tick now (the fd table is nearly full). One futex wake, at most
-/// once per tick; async-signal-safe.
-pub fn poke() {
-    if POKE.swap(1, AcqRel) == 0 {
-        let _ = rustix::thread::futex::wake(&POKE, rustix::thread::futex::Flags::PRIVATE, 1);
-    }
-}
-
-pub fn totals() -> Totals {
-    Totals {
-        found: FOUND.load(Relaxed),
-        logged: LOGGED.load(Relaxed),
-        shutdown: SHUT.load(Relaxed),
-        vacated: VACATED.load(Relaxed),
-        unread_kept: UNREAD_KEPT.load(Relaxed),
-    }
-}
-
-pub fn note_program_closed(_vacated: bool) {
-    PROGRAM_CLOSED.fetch_add(1, Relaxed);
-}
-
-pub fn program_closed() -> u64 {
-    PROGRAM_CLOSED.load(Relaxed)
-}
-
-/// In a fork child: the epoll set is the parent's; the child makes its own.
-pub fn after_fork_child() {
-    let fd = EPOLL.swap(-1, AcqRel);
-    if fd >= 0 {
-        ownfd::close(fd);
-    }
-    POKE.store(0, Relaxed);
-}
 
 /// A socket found left behind.
 struct Leak {
@@ -159,8 +88,6 @@ pub struct Detector {
 
 const LINES_PER_TICK: u32 = 10;
 const SUMMARY_EVERY_MS: u64 = 60_000;
-/// A socket another process may share is in use while anyone sent data on it this recently.
-const SHARED_QUIET_MS: u64 = 2_000;
 
 impl Detector {
     pub fn new(rt: &'static Runtime) -> Detector {
@@ -174,24 +101,13 @@ impl Detector {
         }
     }
 
-    pub fn epoll_fd(&self) -> Option<RawFd> {
-        epoll_fd()
-    }
-
     /// Sleeps up to `timeout_ms` (or until a hook pokes), then examines the socket events that
     /// came. keepfix never blocks in a system call on its own fd (the program may close that
     /// number at any time): the sleep is on a futex, the epoll set is read without waiting.
     /// Returns true if a hook asked for a tick now.
     pub fn wait(&mut self, timeout_ms: u64) -> bool {
-        let timeout = rustix::thread::Timespec {
-            tv_sec: (timeout_ms / 1000) as i64,
-            tv_nsec: ((timeout_ms % 1000) * 1_000_000) as i64,
-        };
-        if POKE.load(Acquire) == 0 {
-            let _ = rustix::thread::futex::wait(&POKE, rustix::thread::futex::Flags::PRIVATE, 0, Some(&timeout));
-        }
-        let poked = POKE.swap(0, AcqRel) != 0;
-        let Some(ep) = self.epoll_fd() else { return poked };
+        let poked = wake::wait(timeout_ms);
+        let Some(ep) = wake::epoll_fd() else { return poked };
         let mut buf = [core::mem::MaybeUninit::<epoll::Event>::uninit(); 256];
         let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
         let mut got: Vec<u64> = Vec::new();
@@ -219,7 +135,7 @@ impl Detector {
     /// The periodic part: watch new sockets, act on suspects whose time has come, summarise.
     pub fn tick(&mut self, now: u64) {
         self.lines_this_tick = 0;
-        if self.epoll_fd().is_none() && self.rt.cfg.close_wait != CloseWaitMode::Off {
+        if wake::epoll_fd().is_none() && self.rt.cfg.close_wait != CloseWaitMode::Off {
             self.scan(now);
         }
         self.register_new();
@@ -247,7 +163,7 @@ impl Detector {
     /// Adds sockets tracked since the last tick to the epoll set, and finishes the configuration
     /// of sockets that got connected without a connect() keepfix saw.
     fn register_new(&mut self) {
-        let ep = self.epoll_fd();
+        let ep = wake::epoll_fd();
         let rt = self.rt;
         let mut redo = false;
         fdtable::drain_dirty(|fd, slot| {
@@ -259,7 +175,7 @@ impl Detector {
                 && m.role() == Role::Socket
                 && sys::tcp_info(fd).is_ok_and(|i| i.state == tcp_state::ESTABLISHED)
             {
-                crate::keepalive::configure(fd, slot, &rt.ka);
+                crate::hooksafe::keepalive::configure(fd, slot, &rt.ka);
                 slot.set_flags(flag::CONNECTED, 0);
             }
             if rt.cfg.close_wait == CloseWaitMode::Off {
@@ -302,7 +218,7 @@ impl Detector {
             if let Some(s) = fdtable::slot(fd) {
                 s.replace_same_gen(m, m.with_flags(flag::CONNECTED, flag::CONNECTING));
             }
-            if let (Some(ep), Some(t)) = (self.epoll_fd(), sys::borrow(fd)) {
+            if let (Some(ep), Some(t)) = (wake::epoll_fd(), sys::borrow(fd)) {
                 let data = epoll::EventData::new_u64(u64::from(fd as u32) | u64::from(m.generation()) << 32);
                 let _ =
                     ownfd::with(ep, |ep| epoll::modify(ep, t, data, epoll::EventFlags::RDHUP | epoll::EventFlags::ET));
@@ -547,7 +463,7 @@ impl Detector {
         }
         self.last_summary_ms = now;
         let oldest = self.leaks.values().map(|l| now.saturating_sub(l.first_ms) / 1000).max().unwrap_or(0);
-        let t = totals();
+        let t = release::totals();
         let [fl, fs, fc, fu] = self.folded;
         emit(
             Level::Warning,
@@ -571,16 +487,13 @@ impl Detector {
     pub fn repair(&mut self) {
         if ownfd::lean() {
             // No epoll set and no /proc file below ownfd::LEAN_BELOW: tick() scans instead.
-            let ep = EPOLL.swap(-1, AcqRel);
-            if ep >= 0 {
-                ownfd::close(ep);
-            }
+            wake::drop_epoll();
             ownfd::shed();
             return;
         }
-        if self.epoll_fd().is_none() {
-            EPOLL.store(-1, Release);
-            prepare(self.rt);
+        if wake::epoll_fd().is_none() {
+            wake::forget_epoll();
+            wake::prepare(self.rt);
             self.registered_all = false;
         }
         if !self.registered_all {
@@ -593,158 +506,4 @@ impl Detector {
             fdtable::mark_all_dirty_again();
         }
     }
-}
-
-/// Marks the socket as acted on (shut down, dead, or left for SIGPIPE's sake): the same socket
-/// (generation), whatever flags a hook set meanwhile (SAW_EOF, say).
-fn mark_acted(slot: &fdtable::Slot, m: Meta) {
-    slot.update(|cur| (cur.is_tracked() && cur.generation() == m.generation()).then(|| cur.with_flags(flag::ACTED, 0)));
-}
-
-/// Is the connection still in use, so that nothing may be done to it yet? Something unsent or
-/// unacknowledged (SIOCOUTQ), or data sent (by any process that holds the socket: TCP_INFO sees
-/// them all) within KEEPFIX_CLOSE_WAIT_AFTER, or within 2 s for a socket another fd or process
-/// may share (a forked child may be streaming to a peer that half-closed).
-fn in_use(fd: RawFd, info: &sys::TcpInfo, m: Meta, slot: &fdtable::Slot, after_ms: u64) -> bool {
-    if info.state == tcp_state::CLOSE {
-        // Reset or timed out: nothing can be sent any more (and SIOCOUTQ keeps counting the
-        // bytes that were in flight when the reset came).
-        return false;
-    }
-    let quiet = if maybe_shared(m, slot) { after_ms.max(SHARED_QUIET_MS) } else { after_ms };
-    sys::unsent_bytes(fd) > 0 || u64::from(info.last_data_sent_ms) < quiet
-}
-
-/// May another fd of this process, or another process, hold this socket? Duplicated (SHARED),
-/// seen before a fork, or inherited at exec.
-fn maybe_shared(m: Meta, slot: &fdtable::Slot) -> bool {
-    m.has(flag::SHARED)
-        || slot.info().1 != fdtable::fork_epoch()
-        || matches!(m.role(), Role::Inherited | Role::InheritedListener)
-}
-
-/// Bytes received and not yet read by the program (SIOCINQ).
-fn unread_bytes(fd: RawFd) -> u32 {
-    sys::borrow(fd).and_then(|b| rustix::io::ioctl_fionread(b).ok()).map_or(0, |n| n.min(u64::from(u32::MAX)) as u32)
-}
-
-/// Is the socket at `fd` (word `m`) one the program is provably done with, so that its number may
-/// be freed? See the module's rules. Returns its inode if so. A few system calls, no allocation.
-fn forgotten(rt: &Runtime, fd: RawFd, m: Meta, slot: &fdtable::Slot) -> Option<(u64, u32)> {
-    if !m.is_tracked() || !m.has(flag::SAW_EOF) || m.role().is_listener() || maybe_shared(m, slot) {
-        return None;
-    }
-    let info = sys::tcp_info(fd).ok()?;
-    if !matches!(info.state, tcp_state::CLOSE_WAIT | tcp_state::CLOSE | tcp_state::LAST_ACK) {
-        return None;
-    }
-    if in_use(fd, &info, m, slot, rt.cfg.close_wait_after_ms)
-        || u64::from(info.last_data_recv_ms) < rt.cfg.close_wait_after_ms
-        || (rt.cfg.close_wait_unread == Unread::Keep && unread_bytes(fd) > 0)
-    {
-        return None;
-    }
-    let st = rustix::fs::fstat(sys::borrow(fd)?).ok()?;
-    (st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then_some((st.st_ino, info.last_data_recv_ms))
-}
-
-/// The `K` entries with the greatest key seen by [`Oldest::offer`], in a fixed array: the
-/// EMFILE path runs in a hook, where nothing may allocate.
-struct Oldest<const K: usize> {
-    items: [(u64, RawFd, Meta, u64); K],
-    len: usize,
-}
-
-impl<const K: usize> Oldest<K> {
-    fn new() -> Self {
-        Oldest { items: [(0, -1, Meta(0), 0); K], len: 0 }
-    }
-    fn offer(&mut self, key: u64, fd: RawFd, m: Meta, ino: u64) {
-        let pos = self.items.iter().take(self.len).position(|it| it.0 < key).unwrap_or(self.len);
-        if pos >= K {
-            return;
-        }
-        if let Some(tail) = self.items.get_mut(pos..) {
-            tail.rotate_right(1);
-        }
-        if let Some(it) = self.items.get_mut(pos) {
-            *it = (key, fd, m, ino);
-        }
-        self.len = (self.len + 1).min(K);
-    }
-    fn iter(&self) -> impl Iterator<Item = &(u64, RawFd, Meta, u64)> {
-        self.items.iter().take(self.len)
-    }
-}
-
-/// Frees the number `fd`: closes the socket there for good, inside the release protocol, if the
-/// slot still holds `m`, the fd still holds the socket of inode `ino`, and it is still
-/// forgotten. SO_LINGER goes off first, so the close cannot wait. The number becomes Vacated: a
-/// later close() of it by the program is answered 0. Signals are blocked meanwhile (a handler in
-/// this thread that closed the number would wait on this very release).
-fn vacate(rt: &Runtime, fd: RawFd, m: Meta, ino: u64) -> bool {
-    let Some(s) = fdtable::slot(fd) else { return false };
-    let _blocked = sys::SignalsBlocked::all();
-    let Some(rel) = s.begin_release(fd, m, ino) else { return false };
-    let same = sys::borrow(fd).and_then(|b| rustix::fs::fstat(b).ok()).is_some_and(|st| st.st_ino == ino);
-    if !same || forgotten(rt, fd, m, s).is_none() {
-        s.end_release(fd, rel, rel.with_state(State::Tracked), false);
-        return false;
-    }
-    sys::linger_off(fd);
-    // The last check: a program close() from here on is handed over to end_release.
-    let closed = s.still(rel) && sys::close_raw(fd).is_ok();
-    let ok = s.end_release(fd, rel, rel.with_state(State::Vacated), closed);
-    if closed {
-        VACATED.fetch_add(1, Relaxed);
-    }
-    closed && ok
-}
-
-/// Frees up to 8 numbers of forgotten sockets, oldest data first, from the accept() hook at
-/// EMFILE: no allocation, at most `budget` fds looked at. Returns how many were freed, and how
-/// many it tried (a try fails when a slot changed meanwhile).
-pub fn vacate_forgotten(rt: &Runtime, budget: usize) -> (usize, usize) {
-    if rt.cfg.close_wait != CloseWaitMode::Close {
-        return (0, 0);
-    }
-    let mut checked = 0usize;
-    let mut oldest = Oldest::<8>::new();
-    fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
-        let m = s.load();
-        if checked >= budget || !m.is_tracked() || !m.has(flag::SAW_EOF) {
-            return;
-        }
-        checked += 1;
-        if let Some((ino, idle_ms)) = forgotten(rt, fd, m, s) {
-            oldest.offer(u64::from(idle_ms), fd, m, ino);
-        }
-    });
-    let tried = oldest.iter().count();
-    let mut freed = 0;
-    for &(_, fd, m, ino) in oldest.iter() {
-        if vacate(rt, fd, m, ino) {
-            freed += 1;
-            crate::log::defer(crate::log::Deferred::ReleasedAtEmfile, fd, i64::from(tcp_state::CLOSE_WAIT), 0);
-        }
-    }
-    (freed, tried)
-}
-
-/// The watchdog's version of [`vacate_forgotten`], for any number: near the limit it frees many.
-pub fn vacate_forgotten_many(rt: &Runtime, n: usize) -> usize {
-    if rt.cfg.close_wait != CloseWaitMode::Close {
-        return 0;
-    }
-    let mut all: Vec<(u32, RawFd, Meta, u64)> = Vec::new();
-    fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
-        let m = s.load();
-        if m.is_tracked() && m.has(flag::SAW_EOF) {
-            if let Some((ino, idle_ms)) = forgotten(rt, fd, m, s) {
-                all.push((idle_ms, fd, m, ino));
-            }
-        }
-    });
-    all.sort_unstable_by_key(|&(idle, fd, _, _)| (core::cmp::Reverse(idle), fd));
-    all.iter().take(n).filter(|&&(_, fd, m, ino)| vacate(rt, fd, m, ino)).count()
 }

@@ -5,11 +5,13 @@
 //! Socket states are keepfix's view, from the fd table and the CLOSE_WAIT detector: no system
 //! call per socket, so writing metrics costs a table walk.
 
-use crate::closewait::{self, Detector};
-use crate::fdtable::{self, Role, State};
-use crate::nofile::{self, Monitor};
-use crate::runtime::Runtime;
+use crate::hooksafe::emfile;
+use crate::hooksafe::fdtable::{self, Role, State};
+use crate::hooksafe::release;
+use crate::hooksafe::settings::Runtime;
 use crate::sys;
+use crate::watchdog::detector::Detector;
+use crate::watchdog::monitor::Monitor;
 use core::fmt::Write as _;
 
 pub struct Writer {
@@ -53,20 +55,20 @@ impl Writer {
         match written {
             Err(e) if !self.failed_logged => {
                 self.failed_logged = true;
-                crate::log::emit(
-                    crate::log::Level::Warning,
+                crate::hooksafe::log::emit(
+                    crate::hooksafe::log::Level::Warning,
                     format_args!(
                         "metrics path={} action=failed errno={} note=\"the file is stale until a line says recovered\"",
-                        crate::log::Quoted(path.as_bytes()),
+                        crate::hooksafe::log::Quoted(path.as_bytes()),
                         e.raw_os_error()
                     ),
                 );
             }
             Ok(()) if self.failed_logged => {
                 self.failed_logged = false;
-                crate::log::emit(
-                    crate::log::Level::Notice,
-                    format_args!("metrics path={} action=recovered", crate::log::Quoted(path.as_bytes())),
+                crate::hooksafe::log::emit(
+                    crate::hooksafe::log::Level::Notice,
+                    format_args!("metrics path={} action=recovered", crate::hooksafe::log::Quoted(path.as_bytes())),
                 );
             }
             _ => {}
@@ -117,7 +119,7 @@ pub fn remove_at_exit() {
 
 fn write_atomically(path: &str, tmp: &str, bytes: &[u8]) -> Result<(), rustix::io::Errno> {
     use rustix::fs::{Mode, OFlags};
-    let f = crate::ownfd::Temp::open(
+    let f = crate::hooksafe::ownfd::Temp::open(
         tmp,
         OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW,
         Mode::from_raw_mode(0o644),
@@ -141,7 +143,7 @@ pub fn render(detector: &Detector, monitor: &Monitor, now: u64, program: &str) -
     let pid = sys::getpid();
     let mut roles = [0u64; 6];
     let (mut tracked, mut released, mut vacated) = (0u64, 0u64, 0u64);
-    let acting = crate::runtime::get().is_some_and(|rt| rt.cfg.close_wait.acts());
+    let acting = crate::hooksafe::settings::get().is_some_and(|rt| rt.cfg.close_wait.acts());
     fdtable::for_each(0, fdtable::MAX_FD - 1, |_, s| {
         let m = s.load();
         match m.state() {
@@ -159,10 +161,10 @@ pub fn render(detector: &Detector, monitor: &Monitor, now: u64, program: &str) -
         }
     });
     let (held, oldest) = detector.held(now);
-    let t = closewait::totals();
-    let (soft, hard) = nofile::limits();
-    let (emfile, rejected) = nofile::emfile_events();
-    let rt = crate::runtime::get();
+    let t = release::totals();
+    let (soft, hard) = emfile::limits();
+    let (emfile, rejected) = emfile::emfile_events();
+    let rt = crate::hooksafe::settings::get();
     let l = format!("pid=\"{pid}\",program=\"{}\"", escape(program));
     let mut o = String::with_capacity(4096);
     let mut metric = |name: &str, kind: &str, help: &str, rows: &[(&str, f64)]| {
@@ -218,7 +220,7 @@ pub fn render(detector: &Detector, monitor: &Monitor, now: u64, program: &str) -
         "keepfix_released_closed_by_program_total",
         "counter",
         "close() calls the program made on numbers keepfix had shut down or vacated.",
-        &[("", closewait::program_closed() as f64)],
+        &[("", release::program_closed() as f64)],
     );
     metric("keepfix_fds_used", "gauge", "Open fds, at the last count.", &[("", monitor.used() as f64)]);
     let lim = |v: u64| if v == u64::MAX { f64::INFINITY } else { v as f64 };
@@ -244,16 +246,16 @@ pub fn render(detector: &Detector, monitor: &Monitor, now: u64, program: &str) -
         "keepfix_select_too_big_total",
         "counter",
         "select() calls with nfds above FD_SETSIZE.",
-        &[("", nofile::select_too_big_count() as f64)],
+        &[("", emfile::select_too_big_count() as f64)],
     );
     metric(
         "keepfix_log_dropped_total",
         "counter",
         "Log lines that could not be written.",
-        &[("", crate::log::dropped_lines() as f64)],
+        &[("", crate::hooksafe::log::dropped_lines() as f64)],
     );
     metric("keepfix_table_bytes", "gauge", "Memory of keepfix's fd table.", &[("", fdtable::mapped_bytes() as f64)]);
-    let (ticks, last, max, cpu) = crate::watchdog::tick_stats();
+    let (ticks, last, max, cpu) = crate::watchdog::stats::tick_stats();
     metric("keepfix_watchdog_ticks_total", "counter", "Periodic watchdog ticks.", &[("", ticks as f64)]);
     metric(
         "keepfix_watchdog_tick_seconds",

@@ -27,8 +27,13 @@
 //! leader's: a change made by raw system calls that it did not follow ends it, and the next
 //! listen/accept/connect starts a new one, with the caller's credentials.
 
-use crate::runtime::{self, Runtime};
-use crate::{closewait, keepalive, log, nofile, ownfd, sys};
+use crate::event::errno_name;
+use crate::hooksafe::settings::{self as runtime, Runtime, WATCHDOG_TID as TID, on_watchdog_thread};
+use crate::hooksafe::{emfile as nofile, log, ownfd, wake};
+use crate::sys;
+use crate::watchdog::report::report_deferred;
+use crate::watchdog::stats::{CPU_NS, TICK_LAST_NS, TICK_MAX_NS, TICKS, clock_ns};
+use crate::watchdog::{detector, metrics, monitor};
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering::*};
 
 const IDLE: u8 = 0;
@@ -75,22 +80,6 @@ impl Why {
 }
 
 static STATE: AtomicU8 = AtomicU8::new(IDLE);
-/// The last and the longest periodic tick, in nanoseconds, and the thread's CPU time: metrics.
-static TICK_LAST_NS: AtomicU64 = AtomicU64::new(0);
-static TICK_MAX_NS: AtomicU64 = AtomicU64::new(0);
-static TICKS: AtomicU64 = AtomicU64::new(0);
-static CPU_NS: AtomicU64 = AtomicU64::new(0);
-
-/// (ticks, last tick ns, longest tick ns, watchdog CPU ns) since the watchdog started.
-pub fn tick_stats() -> (u64, u64, u64, u64) {
-    (TICKS.load(Relaxed), TICK_LAST_NS.load(Relaxed), TICK_MAX_NS.load(Relaxed), CPU_NS.load(Relaxed))
-}
-
-fn clock_ns(id: rustix::time::ClockId) -> u64 {
-    let t = sys::clock_gettime(id);
-    (t.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(t.tv_nsec as u64)
-}
-static TID: AtomicI32 = AtomicI32::new(0);
 /// Sockets were adopted at load, or the parent's watchdog was running at fork: start it at the
 /// next safe point (before main, or in fork()'s child handler).
 static WANTED: AtomicBool = AtomicBool::new(false);
@@ -198,7 +187,7 @@ pub fn child_accepting(rt: &'static Runtime) {
         return child_due(rt);
     }
     let (fd, generation) = ((c >> 32) as i32, c as u32);
-    if crate::fdtable::slot(fd).is_some_and(|s| {
+    if crate::hooksafe::fdtable::slot(fd).is_some_and(|s| {
         let m = s.load();
         m.is_tracked() && m.generation() == generation
     }) {
@@ -251,7 +240,7 @@ fn start(rt: &'static Runtime) {
     // an open() takes the lowest free number for an instant, which must not race the program's
     // own allocation (a daemon's close(0); open("/dev/null") relies on getting 0).
     ownfd::prepare();
-    closewait::prepare(rt);
+    wake::prepare(rt);
     nofile::open_reserve();
     // SAFETY: plain pthread calls on local storage. The new thread inherits the full signal mask;
     // glibc's pthread_sigmask keeps its own internal signals (cancellation, setxid) unblocked.
@@ -309,7 +298,7 @@ fn stop_thread(code: u8) -> bool {
             RUNNING => {
                 saw_running = true;
                 STOP.fetch_max(code, AcqRel);
-                closewait::poke();
+                wake::poke();
             }
             PAUSED | STOPPED | IDLE if saw_running => {
                 let tid = LAST_TID.load(Acquire);
@@ -439,7 +428,12 @@ fn tasks_far_away() -> bool {
 pub fn after_fork_parent() {
     if !CHILD_MAY_START.load(Relaxed) && STATE.load(Relaxed) == RUNNING && !CHILDREN_LOGGED.swap(true, Relaxed) {
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nproc).current.unwrap_or(0);
-        log::defer(log::Deferred::ChildrenWithoutWatchdog, -1, limit as i64, sys::system_tasks() as i64);
+        crate::hooksafe::ring::defer(
+            crate::hooksafe::ring::Deferred::ChildrenWithoutWatchdog,
+            -1,
+            limit as i64,
+            sys::system_tasks() as i64,
+        );
     }
 }
 
@@ -501,7 +495,7 @@ pub fn after_fork_child() {
         }
     }
     // Releases the parent had under way first: the rest may touch those slots.
-    crate::fdtable::after_fork_child();
+    crate::hooksafe::fdtable::after_fork_child();
     // Closing the copies of the parent's own fds (system calls) waits until this child starts a
     // watchdog of its own, if it ever does. (The parent's /proc/self files are never read here:
     // ownfd reopens them when its pid differs.)
@@ -515,12 +509,7 @@ pub fn after_fork_child() {
 fn settle_inherited_fds() {
     let keep = [nofile::reserve_fd(), log::own_fd()];
     ownfd::after_fork_child(&keep);
-    closewait::after_fork_child();
-}
-
-pub fn on_watchdog_thread() -> bool {
-    let t = TID.load(Relaxed);
-    t != 0 && t == rustix::thread::gettid().as_raw_nonzero().get()
+    wake::after_fork_child();
 }
 
 fn run(rt: &'static Runtime) {
@@ -553,9 +542,9 @@ fn run(rt: &'static Runtime) {
             ),
         );
     }
-    let mut detector = closewait::Detector::new(rt);
-    let mut monitor = nofile::Monitor::new();
-    let mut metrics = crate::metrics::Writer::new(rt);
+    let mut detector = detector::Detector::new(rt);
+    let mut monitor = monitor::Monitor::new();
+    let mut metrics = metrics::Writer::new(rt);
     let interval = cfg.scan_interval_ms.max(1);
     let mut next = sys::now_ms();
     let mut poked = false;
@@ -631,114 +620,10 @@ fn credentials_differ() -> bool {
     ownfd::leader_ids().is_some_and(|l| l != sys::thread_ids())
 }
 
-/// Writes the lines hooks deferred. Also called by the destructor at exit, so that a short-lived
-/// program's events are not lost.
-pub fn report_deferred(monitor: &nofile::Monitor) {
-    use log::{Deferred, Level, emit};
-    // A census reads every fd: at most one per batch, however many EMFILE events came.
-    let mut census: Option<nofile::Census> = None;
-    log::drain(|kind, fd, a, b| match kind {
-        Deferred::AppKeepaliveOff => {
-            let opt = keepalive::Opt::from_index(a);
-            let what = if opt == keepalive::Opt::KeepAlive { "kept_on" } else { "restored" };
-            let action = if b != 0 { what } else { "restore_failed" };
-            emit(
-                Level::Notice,
-                format_args!(
-                    "app_override fd={fd} option={} action={action} note=\"the program changed a keepalive option; KEEPFIX_RESPECT_APP=1 lets it (logged once per option)\"",
-                    opt.name()
-                ),
-            );
-        }
-        Deferred::KeepaliveFailed => emit(
-            Level::Warning,
-            format_args!(
-                "keepalive_failed fd={fd} option={} errno={}",
-                keepalive::Opt::from_index(a).name(),
-                errno_name(b as i32)
-            ),
-        ),
-        Deferred::StuckRelease => emit(
-            Level::Warning,
-            format_args!(
-                "watchdog_stalled waited_us={} note=\"a hook found keepfix's thread inside a release or a use of its own fd for longer than this; the program's call went on without it (a close was handed over, a dup2 got EBUSY); logged once\"",
-                crate::fdtable::WAIT_US
-            ),
-        ),
-        Deferred::SelectTooBig => emit(
-            Level::Err,
-            format_args!(
-                "select_nfds_too_big nfds={a} fd_setsize={} note=\"select() on fd >= 1024 reads and writes past fd_set: a memory-corrupting bug in the program\"",
-                libc::FD_SETSIZE
-            ),
-        ),
-        Deferred::Emfile => {
-            let action = match a {
-                nofile::EMFILE_FREED => "freed_and_accepted",
-                nofile::EMFILE_SHARED_LISTENER => "none_shared_listener",
-                nofile::EMFILE_REJECTED_CONNECTION => "rejected_pending_connection",
-                nofile::EMFILE_NO_RESERVE => "none_no_reserve_fd",
-                _ => "none_no_pending_connection",
-            };
-            let (soft, _) = nofile::limits();
-            let c = census.get_or_insert_with(nofile::Census::take);
-            let what = if a == nofile::EMFILE_FREED {
-                format!("freed={b}")
-            } else {
-                format!("errno={}", errno_name(b as i32))
-            };
-            emit(
-                Level::Warning,
-                format_args!(
-                    "emfile listener={fd} action={action} {what} used={} limit={soft} {}",
-                    c.used,
-                    c.breakdown()
-                ),
-            );
-        }
-        Deferred::ReleasedAtEmfile => emit(
-            Level::Notice,
-            format_args!(
-                "close_wait fd={fd} peer=- local=- age=0s state={} unread=0 action=vacated reason=emfile",
-                sys::tcp_state::name(a as u8)
-            ),
-        ),
-        Deferred::ChildrenWithoutWatchdog => emit(
-            Level::Notice,
-            format_args!(
-                "watchdog_unavailable in=forked_children reason=task_limit rlimit_nproc={a} system_tasks={b} note=\"children forked near the task limit run with hooks only, so that keepfix's threads never take a task the program needs\""
-            ),
-        ),
-        Deferred::RlimitChanged => {
-            emit(Level::Notice, format_args!("rlimit_nofile soft={a} hard={b} used={}", monitor.used()))
-        }
-    });
-}
-
-pub fn errno_name(e: i32) -> &'static str {
-    match e {
-        libc::EBADF => "EBADF",
-        libc::EINVAL => "EINVAL",
-        libc::ENOPROTOOPT => "ENOPROTOOPT",
-        libc::ENOTSOCK => "ENOTSOCK",
-        libc::EMFILE => "EMFILE",
-        libc::ENFILE => "ENFILE",
-        libc::EPERM => "EPERM",
-        libc::EACCES => "EACCES",
-        libc::ENOMEM => "ENOMEM",
-        libc::ENOBUFS => "ENOBUFS",
-        libc::EOPNOTSUPP => "EOPNOTSUPP",
-        libc::ENOTCONN => "ENOTCONN",
-        libc::ENOSYS => "ENOSYS",
-        libc::EAGAIN => "EAGAIN",
-        _ => "other",
-    }
-}
-
 /// At exit (the destructor): log what is still deferred.
 pub fn at_exit() {
     // Under the program's seccomp filter keepfix makes no system call, not even at exit.
     if runtime::get().is_some() && !runtime::sandboxed() {
-        report_deferred(&nofile::Monitor::new());
+        report_deferred(&monitor::Monitor::new());
     }
 }
