@@ -9,7 +9,6 @@
 
 use crate::config::CloseWaitMode;
 use crate::hooksafe::fdtable::{self};
-use crate::hooksafe::log::{Level, emit};
 use crate::hooksafe::ownfd;
 use crate::hooksafe::ring::{self, Deferred};
 use crate::hooksafe::settings::Runtime;
@@ -202,29 +201,4 @@ pub fn accept_failed(
 pub fn limits() -> (u64, u64) {
     let l = getrlimit(Resource::Nofile);
     (l.current.unwrap_or(u64::MAX), l.maximum.unwrap_or(u64::MAX))
-}
-
-/// KEEPFIX_NOFILE_RAISE=1: the soft limit goes up to the hard limit at load time.
-pub fn raise_at_load() {
-    let l = getrlimit(Resource::Nofile);
-    let (Some(soft), hard) = (l.current, l.maximum) else { return };
-    let new = hard.unwrap_or(u64::MAX);
-    if new <= soft {
-        return;
-    }
-    let r = rustix::process::setrlimit(Resource::Nofile, rustix::process::Rlimit { current: hard, maximum: hard });
-    let shown = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |v| v.to_string());
-    match r {
-        Ok(()) => emit(
-            Level::Notice,
-            format_args!(
-                "nofile_raise soft={soft} new_soft={} hard={} note=\"select() breaks at fd >= 1024\"",
-                shown(hard),
-                shown(hard)
-            ),
-        ),
-        Err(e) => {
-            emit(Level::Warning, format_args!("nofile_raise soft={soft} action=failed errno={}", e.raw_os_error()))
-        }
-    }
 }

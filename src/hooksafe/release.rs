@@ -135,7 +135,7 @@ impl<const K: usize> Oldest<K> {
 /// forgotten. SO_LINGER goes off first, so the close cannot wait. The number becomes Vacated: a
 /// later close() of it by the program is answered 0. Signals are blocked meanwhile (a handler in
 /// this thread that closed the number would wait on this very release).
-fn vacate(rt: &Runtime, fd: RawFd, m: Meta, ino: u64) -> bool {
+pub fn vacate(rt: &Runtime, fd: RawFd, m: Meta, ino: u64) -> bool {
     let Some(s) = fdtable::slot(fd) else { return false };
     let _blocked = sys::SignalsBlocked::all();
     let Some(rel) = s.begin_release(fd, m, ino) else { return false };
@@ -187,22 +187,4 @@ pub fn vacate_forgotten(rt: &Runtime, budget: usize) -> (usize, usize) {
         }
     }
     (freed, tried)
-}
-
-/// The watchdog's version of [`vacate_forgotten`], for any number: near the limit it frees many.
-pub fn vacate_forgotten_many(rt: &Runtime, n: usize) -> usize {
-    if rt.cfg.close_wait != CloseWaitMode::Close {
-        return 0;
-    }
-    let mut all: Vec<(u32, RawFd, Meta, u64)> = Vec::new();
-    fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
-        let m = s.load();
-        if m.is_tracked() && m.has(flag::SAW_EOF) {
-            if let Some((ino, idle_ms)) = forgotten(rt, fd, m, s) {
-                all.push((idle_ms, fd, m, ino));
-            }
-        }
-    });
-    all.sort_unstable_by_key(|&(idle, fd, _, _)| (core::cmp::Reverse(idle), fd));
-    all.iter().take(n).filter(|&&(_, fd, m, ino)| vacate(rt, fd, m, ino)).count()
 }

@@ -22,11 +22,12 @@ pub mod adopt;
 use crate::config;
 use crate::hooks;
 use crate::hooksafe::settings::{self, FORK_REPAIRING, FORK_SEEN, PID, Runtime, active, fork_word, sandboxed};
-use crate::hooksafe::{emfile, fdtable, keepalive, log};
+use crate::hooksafe::{fdtable, keepalive, log};
 use crate::sys;
 use crate::watchdog::{control as watchdog, metrics};
 use core::ffi::{c_char, c_int, c_void};
 use core::sync::atomic::{AtomicPtr, Ordering::*};
+use rustix::process::Resource;
 
 /// The constructor's work.
 pub fn init() {
@@ -58,7 +59,7 @@ pub fn init() {
     // SAFETY: plain function pointers with the C signature.
     unsafe { libc::pthread_atfork(Some(atfork_prepare), None, Some(atfork_child)) };
     if cfg.nofile_raise {
-        emfile::raise_at_load();
+        raise_nofile();
     }
     let ka = keepalive::Settings::from_config(&cfg);
     let program = rustix::thread::name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -66,6 +67,32 @@ pub fn init() {
         return;
     }
     adopt::adopt_inherited(&ka);
+}
+
+/// KEEPFIX_NOFILE_RAISE=1: the soft limit goes up to the hard limit at load time.
+fn raise_nofile() {
+    let l = rustix::process::getrlimit(Resource::Nofile);
+    let (Some(soft), hard) = (l.current, l.maximum) else { return };
+    let new = hard.unwrap_or(u64::MAX);
+    if new <= soft {
+        return;
+    }
+    let r = rustix::process::setrlimit(Resource::Nofile, rustix::process::Rlimit { current: hard, maximum: hard });
+    let shown = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |v| v.to_string());
+    match r {
+        Ok(()) => log::emit(
+            log::Level::Notice,
+            format_args!(
+                "nofile_raise soft={soft} new_soft={} hard={} note=\"select() breaks at fd >= 1024\"",
+                shown(hard),
+                shown(hard)
+            ),
+        ),
+        Err(e) => log::emit(
+            log::Level::Warning,
+            format_args!("nofile_raise soft={soft} action=failed errno={}", e.raw_os_error()),
+        ),
+    }
 }
 
 /// The destructor's work, at normal exit: what hooks deferred is written, the metrics file goes.

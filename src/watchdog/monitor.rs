@@ -5,12 +5,13 @@
 
 use crate::config::CloseWaitMode;
 use crate::hooksafe::emfile::{MAX_FD_SEEN, limits, set_poke_at};
-use crate::hooksafe::fdtable::{self, State};
+use crate::hooksafe::fdtable::{self, Meta, State, flag};
 use crate::hooksafe::log::{Level, emit};
 use crate::hooksafe::settings::Runtime;
 use crate::hooksafe::{ownfd, release};
 use crate::sys::{self, tcp_state};
 use core::sync::atomic::Ordering::*;
+use rustix::fd::RawFd;
 /// Counts by kind of what the process's fds are, for warning lines.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Census {
@@ -160,7 +161,7 @@ impl Monitor {
             let high = soft.saturating_sub((soft / 10).max(2));
             if used >= high {
                 let want = used.saturating_sub(soft * 3 / 4) as usize;
-                let freed = release::vacate_forgotten_many(rt, want.max(1));
+                let freed = vacate_forgotten_many(rt, want.max(1));
                 if freed > 0 {
                     emit(
                         Level::Notice,
@@ -190,4 +191,22 @@ impl Monitor {
             emit(Level::Notice, format_args!("nofile_recovered used={used} limit={soft} pct={pct}"));
         }
     }
+}
+
+/// The watchdog's version of [`release::vacate_forgotten`], for any number: near the limit it frees many.
+pub fn vacate_forgotten_many(rt: &Runtime, n: usize) -> usize {
+    if rt.cfg.close_wait != CloseWaitMode::Close {
+        return 0;
+    }
+    let mut all: Vec<(u32, RawFd, Meta, u64)> = Vec::new();
+    fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
+        let m = s.load();
+        if m.is_tracked() && m.has(flag::SAW_EOF) {
+            if let Some((ino, idle_ms)) = release::forgotten(rt, fd, m, s) {
+                all.push((idle_ms, fd, m, ino));
+            }
+        }
+    });
+    all.sort_unstable_by_key(|&(idle, fd, _, _)| (core::cmp::Reverse(idle), fd));
+    all.iter().take(n).filter(|&&(_, fd, m, ino)| release::vacate(rt, fd, m, ino)).count()
 }
