@@ -15,7 +15,7 @@ use crate::hooksafe::settings::Runtime;
 use crate::hooksafe::{release, wake};
 use crate::sys::{self, errno, set_errno};
 use core::ffi::c_int;
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering::*};
 use rustix::fd::RawFd;
 use rustix::process::{Resource, getrlimit};
 
@@ -73,11 +73,32 @@ pub fn select_too_big_count() -> u64 {
     SELECT_TOO_BIG.load(Relaxed)
 }
 
-/// setrlimit/prlimit changed RLIMIT_NOFILE: note the new limits for the log.
-pub fn limit_changed() {
+/// The soft and hard RLIMIT_NOFILE keepfix last knew (-1 unlimited, -2 not read yet).
+static KNOWN_SOFT: AtomicI64 = AtomicI64::new(-2);
+static KNOWN_HARD: AtomicI64 = AtomicI64::new(-2);
+
+fn nofile_now() -> (i64, i64) {
     let l = getrlimit(Resource::Nofile);
     let v = |x: Option<u64>| x.map_or(-1, |v| v.min(i64::MAX as u64) as i64);
-    ring::defer(Deferred::RlimitChanged, -1, v(l.current), v(l.maximum));
+    (v(l.current), v(l.maximum))
+}
+
+/// At load: the limits the program starts with.
+pub fn note_limits() {
+    let (soft, hard) = nofile_now();
+    KNOWN_SOFT.store(soft, Relaxed);
+    KNOWN_HARD.store(hard, Relaxed);
+}
+
+/// setrlimit/prlimit succeeded on RLIMIT_NOFILE: if a value changed (a JVM sets them to what they
+/// already are), note the new limits for the log. One getrlimit.
+pub fn limit_changed() {
+    let (soft, hard) = nofile_now();
+    let old_soft = KNOWN_SOFT.swap(soft, Relaxed);
+    let old_hard = KNOWN_HARD.swap(hard, Relaxed);
+    if (old_soft, old_hard) != (soft, hard) {
+        ring::defer(Deferred::RlimitChanged, -1, soft, hard);
+    }
 }
 
 /// Makes the reserve fd: when the watchdog starts, and again after each use. It is a dup of

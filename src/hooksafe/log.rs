@@ -19,14 +19,8 @@ use core::fmt::{self, Write as _};
 use core::sync::atomic::{AtomicBool, AtomicI32, Ordering::*};
 use rustix::fd::RawFd;
 
-/// syslog severities; journald reads them from a `<N>` prefix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Level {
-    Err = 3,
-    Warning = 4,
-    Notice = 5,
-    Info = 6,
-}
+pub use crate::event::Level;
+use crate::event::{Event, SUPPRESSED_EVERY_MS};
 
 // ---------------------------------------------------------------------------------------------
 // Lines.
@@ -79,27 +73,6 @@ impl fmt::Write for Line {
     }
 }
 
-/// Formats a value that came from outside (an environment variable, a path) as a quoted string
-/// with control characters, quotes and non-ASCII escaped, so a line stays one line of text.
-pub struct Quoted<'a>(pub &'a [u8]);
-
-impl fmt::Display for Quoted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_char('"')?;
-        for &b in self.0.iter().take(200) {
-            match b {
-                b'"' | b'\\' => write!(f, "\\{}", b as char)?,
-                0x20..=0x7e => f.write_char(b as char)?,
-                _ => write!(f, "\\x{b:02x}")?,
-            }
-        }
-        if self.0.len() > 200 {
-            f.write_str("...")?;
-        }
-        f.write_char('"')
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Destinations.
 
@@ -133,6 +106,8 @@ struct SinkState {
     refill_ms: u64,
     suppressed: u64,
     suppressed_since_ms: u64,
+    /// When the last `suppressed` line was written (0: never).
+    suppressed_written_ms: u64,
     dropped: u64,
 }
 
@@ -152,6 +127,7 @@ static mut SINK: SinkState = SinkState {
     refill_ms: 0,
     suppressed: 0,
     suppressed_since_ms: 0,
+    suppressed_written_ms: 0,
     dropped: 0,
 };
 /// The pid in every line; updated in a forked child.
@@ -199,6 +175,7 @@ pub fn after_fork_child() {
         sink.tokens_milli = BURST * 1000;
         sink.suppressed = 0;
         sink.suppressed_since_ms = 0;
+        sink.suppressed_written_ms = 0;
         sink.refill_ms = 0;
     }
     crate::hooksafe::ring::after_fork_child();
@@ -210,7 +187,13 @@ fn parse_journal_stream(v: &[u8]) -> Option<(u64, u64)> {
     Some((dev.parse().ok()?, ino.parse().ok()?))
 }
 
-/// Writes one event line, if the rate limit allows. Never blocks, never allocates.
+/// Writes one event's line, if the rate limit allows. Never blocks, never allocates.
+pub fn event(e: &Event<'_>) {
+    emit(e.level(), format_args!("{e}"));
+}
+
+/// Writes one line, if the rate limit allows. Never blocks, never allocates. Every line but the
+/// constructor's config diagnostics comes through [`event`].
 pub fn emit(level: Level, args: fmt::Arguments<'_>) {
     if SINK_BUSY.swap(true, Acquire) {
         // Another of keepfix's threads is writing (the destructor racing the watchdog): rather
@@ -221,35 +204,41 @@ pub fn emit(level: Level, args: fmt::Arguments<'_>) {
     let (sink, dest) = unsafe { (&mut *core::ptr::addr_of_mut!(SINK), &*core::ptr::addr_of!(DEST)) };
     let now = sys::now_ms();
     refill(sink, now);
-    if sink.tokens_milli < 1000 {
+    write_suppressed(sink, dest, now, false);
+    if sink.tokens_milli >= 1000 && sink.suppressed == 0 {
+        sink.tokens_milli -= 1000;
+        write_line(sink, dest, level, args);
+    } else {
+        // Over the rate, or lines are being held back already (a `suppressed` line is due):
+        // one more for it to count, so that the log never shows a gap it does not explain.
         if sink.suppressed == 0 {
             sink.suppressed_since_ms = now;
         }
         sink.suppressed += 1;
-    } else {
-        if sink.suppressed > 0 {
-            sink.tokens_milli -= 1000;
-            let (n, secs) = (sink.suppressed, now.saturating_sub(sink.suppressed_since_ms) / 1000);
-            sink.suppressed = 0;
-            write_line(
-                sink,
-                dest,
-                Level::Warning,
-                format_args!("suppressed lines={n} seconds={secs} reason=rate_limit"),
-            );
-        }
-        if sink.tokens_milli >= 1000 {
-            sink.tokens_milli -= 1000;
-            write_line(sink, dest, level, args);
-        } else {
-            sink.suppressed += 1;
-        }
     }
     SINK_BUSY.store(false, Release);
 }
 
-/// Writes out a pending `suppressed` summary once the rate allows; the watchdog calls it each tick.
-pub fn flush_suppressed() {
+/// Writes the `suppressed` line for the lines held back, at most once per
+/// SUPPRESSED_EVERY_MS (`force`: at exit, whatever the time), and when the rate allows.
+fn write_suppressed(sink: &mut SinkState, dest: &Dest, now: u64, force: bool) {
+    if sink.suppressed == 0 || sink.tokens_milli < 1000 {
+        return;
+    }
+    let due = sink.suppressed_written_ms == 0 || now.saturating_sub(sink.suppressed_written_ms) >= SUPPRESSED_EVERY_MS;
+    if !due && !force {
+        return;
+    }
+    sink.tokens_milli -= 1000;
+    let e = Event::Suppressed { lines: sink.suppressed, seconds: now.saturating_sub(sink.suppressed_since_ms) / 1000 };
+    sink.suppressed = 0;
+    sink.suppressed_written_ms = now.max(1);
+    write_line(sink, dest, e.level(), format_args!("{e}"));
+}
+
+/// Writes out a pending `suppressed` line when it is due; the watchdog calls it each tick, and
+/// the destructor with `at_exit` (then whenever the rate allows).
+pub fn flush_suppressed(at_exit: bool) {
     if SINK_BUSY.swap(true, Acquire) {
         return;
     }
@@ -257,12 +246,7 @@ pub fn flush_suppressed() {
     let (sink, dest) = unsafe { (&mut *core::ptr::addr_of_mut!(SINK), &*core::ptr::addr_of!(DEST)) };
     let now = sys::now_ms();
     refill(sink, now);
-    if sink.suppressed > 0 && sink.tokens_milli >= 1000 {
-        sink.tokens_milli -= 1000;
-        let (n, secs) = (sink.suppressed, now.saturating_sub(sink.suppressed_since_ms) / 1000);
-        sink.suppressed = 0;
-        write_line(sink, dest, Level::Warning, format_args!("suppressed lines={n} seconds={secs} reason=rate_limit"));
-    }
+    write_suppressed(sink, dest, now, at_exit);
     SINK_BUSY.store(false, Release);
 }
 
@@ -492,10 +476,5 @@ mod tests {
         assert_eq!(b.len(), 1024);
         assert!(b.ends_with(b"...\n"));
         assert_eq!(b.iter().filter(|&&c| c == b'\n').count(), 1);
-    }
-
-    #[test]
-    fn quoted_escapes_control_bytes() {
-        assert_eq!(format!("{}", Quoted(b"a\nb\"c\x1b")), "\"a\\x0ab\\\"c\\x1b\"");
     }
 }

@@ -1,6 +1,7 @@
 //! At load: the TCP sockets the process already holds (inherited across exec from inetd, systemd
 //! or a parent) are adopted: tracked, and given keepfix's options. Runs in the constructor only.
 
+use crate::event::Event;
 use crate::hooksafe::fdtable::{self, Role, flag};
 use crate::hooksafe::keepalive::{Opt, Settings, apply, probe_tcp, stricter_already};
 use crate::sys;
@@ -68,7 +69,7 @@ fn report_adopted(
     info: Option<sys::TcpInfo>,
     result: Result<(), (Opt, Errno)>,
 ) {
-    use crate::hooksafe::log::{Level, emit};
+    let failed = result.err().map(|(opt, e)| (opt.name(), e.raw_os_error()));
     let local = crate::addr::local(fd);
     let peer = crate::addr::peer(fd);
     let source = if activated {
@@ -78,25 +79,8 @@ fn report_adopted(
     } else {
         "inherited"
     };
-    let state = info.map_or("UNKNOWN", |i| sys::tcp_state::name(i.state));
-    match result {
-        Ok(()) => emit(
-            Level::Info,
-            format_args!(
-                "adopt fd={fd} role={} local={local} peer={peer} state={state} source={source} action=keepalive_on",
-                role.name()
-            ),
-        ),
-        Err((opt, e)) => emit(
-            Level::Warning,
-            format_args!(
-                "adopt fd={fd} role={} local={local} peer={peer} state={state} source={source} action=failed option={} errno={}",
-                role.name(),
-                opt.name(),
-                e.raw_os_error()
-            ),
-        ),
-    }
+    let state = info.map_or(u8::MAX, |i| i.state);
+    crate::hooksafe::log::event(&Event::Adopt { fd, role: role.name(), local, peer, state, source, failed });
 }
 
 /// The fd range systemd passed (LISTEN_FDS), if LISTEN_PID names this process.

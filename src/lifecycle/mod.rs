@@ -20,9 +20,10 @@
 pub mod adopt;
 
 use crate::config;
+use crate::event::Event;
 use crate::hooks;
 use crate::hooksafe::settings::{self, FORK_REPAIRING, FORK_SEEN, PID, Runtime, active, fork_word, sandboxed};
-use crate::hooksafe::{fdtable, keepalive, log};
+use crate::hooksafe::{emfile, fdtable, keepalive, log};
 use crate::sys;
 use crate::watchdog::{control as watchdog, metrics};
 use core::ffi::{c_char, c_int, c_void};
@@ -45,8 +46,7 @@ pub fn init() {
     let journal = std::env::var_os("JOURNAL_STREAM");
     log::init(&cfg.log, journal.as_ref().map(|j| j.as_encoded_bytes()));
     for d in &diags {
-        let level = if d.warning { log::Level::Warning } else { log::Level::Err };
-        log::emit(level, format_args!("{d}"));
+        log::event(&Event::Config(d));
     }
     if cfg.disable {
         return;
@@ -61,6 +61,7 @@ pub fn init() {
     if cfg.nofile_raise {
         raise_nofile();
     }
+    emfile::note_limits();
     let ka = keepalive::Settings::from_config(&cfg);
     let program = rustix::thread::name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if !settings::set(Runtime { cfg, ka, program }) {
@@ -78,21 +79,8 @@ fn raise_nofile() {
         return;
     }
     let r = rustix::process::setrlimit(Resource::Nofile, rustix::process::Rlimit { current: hard, maximum: hard });
-    let shown = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |v| v.to_string());
-    match r {
-        Ok(()) => log::emit(
-            log::Level::Notice,
-            format_args!(
-                "nofile_raise soft={soft} new_soft={} hard={} note=\"select() breaks at fd >= 1024\"",
-                shown(hard),
-                shown(hard)
-            ),
-        ),
-        Err(e) => log::emit(
-            log::Level::Warning,
-            format_args!("nofile_raise soft={soft} action=failed errno={}", e.raw_os_error()),
-        ),
-    }
+    let result = r.map(|()| hard).map_err(|e| e.raw_os_error());
+    log::event(&Event::NofileRaise { soft, result });
 }
 
 /// The destructor's work, at normal exit: what hooks deferred is written, the metrics file goes.

@@ -27,7 +27,7 @@
 //! leader's: a change made by raw system calls that it did not follow ends it, and the next
 //! listen/accept/connect starts a new one, with the caller's credentials.
 
-use crate::event::errno_name;
+use crate::event::{Event, Stopped};
 use crate::hooksafe::settings::{self as runtime, Runtime, WATCHDOG_TID as TID, on_watchdog_thread};
 use crate::hooksafe::{emfile as nofile, log, ownfd, wake};
 use crate::sys;
@@ -263,13 +263,7 @@ fn start(rt: &'static Runtime) {
         STATE.store(FAILED, Relaxed);
         // No thread of ours exists to write it: this is the program's thread, at a safe point
         // (listen, accept, connect, before main, fork's child handler); emit never blocks.
-        log::emit(
-            log::Level::Warning,
-            format_args!(
-                "watchdog_unavailable reason={} note=\"keepfix could not start its thread (a task limit?); keepalive goes on, CLOSE_WAIT, fd warnings and metrics do not\"",
-                errno_name(ok)
-            ),
-        );
+        log::event(&Event::WatchdogUnavailable { errno: ok });
     }
 }
 
@@ -387,12 +381,7 @@ fn log_sandboxed() {
     if LOGGED.swap(true, Relaxed) {
         return;
     }
-    log::emit(
-        log::Level::Notice,
-        format_args!(
-            "sandboxed note=\"the program installs a seccomp filter: keepfix's thread ends and keepfix makes no system call of its own from now on (no keepalive on new sockets, no CLOSE_WAIT handling, fd warnings or metrics)\""
-        ),
-    );
+    log::event(&Event::Sandboxed);
 }
 
 /// Called by fork()'s prepare handler: decides whether the child may start a watchdog of its own.
@@ -446,14 +435,10 @@ pub fn out_of_memory() {
         return;
     }
     STATE.store(STOPPED, Relaxed);
-    log::emit(
-        log::Level::Err,
-        format_args!(
-            "watchdog_stopped reason=no_memory heap_mapped={} heap_limit={} note=\"keepfix's own heap is full or the address space is; keepalive goes on\"",
-            crate::alloc::mapped(),
-            crate::alloc::LIMIT
-        ),
-    );
+    log::event(&Event::WatchdogStopped(Stopped::NoMemory {
+        heap_mapped: crate::alloc::mapped(),
+        heap_limit: crate::alloc::LIMIT,
+    }));
     loop {
         let _ = rustix::thread::nanosleep(&rustix::thread::Timespec { tv_sec: 3600, tv_nsec: 0 });
     }
@@ -517,30 +502,10 @@ fn run(rt: &'static Runtime) {
     RAN_HERE.store(true, Relaxed);
     let why = RESTART_WHY.swap(0, Relaxed);
     if why != 0 {
-        log::emit(
-            log::Level::Info,
-            format_args!(
-                "watchdog_restarted reason={} note=\"keepfix's thread stepped aside for the program's call and is back\"",
-                Why::name(why)
-            ),
-        );
+        log::event(&Event::WatchdogRestarted { reason: Why::name(why) });
     } else if !IS_CHILD.load(Relaxed) {
         // A forked child logs only what it does: its tree's `start` line is its ancestor's.
-        log::emit(
-            log::Level::Info,
-            format_args!(
-                "start idle={}s intvl={}s cnt={} user_timeout={} close_wait={} close_wait_after={} scan_interval={} nofile_warn={} detection={}s",
-                cfg.idle_s,
-                cfg.intvl_s,
-                cfg.cnt,
-                cfg.show("KEEPFIX_USER_TIMEOUT"),
-                cfg.close_wait.name(),
-                cfg.show("KEEPFIX_CLOSE_WAIT_AFTER"),
-                cfg.show("KEEPFIX_SCAN_INTERVAL"),
-                cfg.show("KEEPFIX_NOFILE_WARN"),
-                cfg.detection_s()
-            ),
-        );
+        log::event(&Event::Start(cfg));
     }
     let mut detector = detector::Detector::new(rt);
     let mut monitor = monitor::Monitor::new();
@@ -554,12 +519,7 @@ fn run(rt: &'static Runtime) {
         if stop != STOP_NONE {
             report_deferred(&monitor);
             match stop {
-                STOP_FORK => log::emit(
-                    log::Level::Warning,
-                    format_args!(
-                        "watchdog_stopped reason=fork_eagain note=\"the program's fork() hit its task limit: keepfix's thread gives its task back and the fork is retried; keepalive goes on, CLOSE_WAIT, fd warnings and metrics do not\""
-                    ),
-                ),
+                STOP_FORK => log::event(&Event::WatchdogStopped(Stopped::ForkEagain)),
                 STOP_SANDBOX => log_sandboxed(),
                 _ => {}
             }
@@ -574,12 +534,7 @@ fn run(rt: &'static Runtime) {
         } {
             report_deferred(&monitor);
             if !CRED_LOGGED.swap(true, Relaxed) {
-                log::emit(
-                    log::Level::Notice,
-                    format_args!(
-                        "watchdog_stopped reason=credentials_changed note=\"the program's uid or gid changed without keepfix's thread (a raw system call): the thread ends and starts again, with the program's credentials, at the next listen, accept or connect (logged once)\""
-                    ),
-                );
+                log::event(&Event::WatchdogStopped(Stopped::CredentialsChanged));
             }
             CRED_CHECK.store(true, Relaxed);
             RESTART_WHY.store(Why::CredentialsChanged as u8, Relaxed);
@@ -600,7 +555,7 @@ fn run(rt: &'static Runtime) {
             TICK_MAX_NS.fetch_max(took, Relaxed);
             CPU_NS.store(clock_ns(rustix::time::ClockId::ThreadCPUTime), Relaxed);
             metrics.write(&detector, &monitor, now);
-            log::flush_suppressed();
+            log::flush_suppressed(false);
             next = now + interval;
         }
         poked = detector.wait(next.saturating_sub(sys::now_ms()).max(1));
@@ -625,5 +580,6 @@ pub fn at_exit() {
     // Under the program's seccomp filter keepfix makes no system call, not even at exit.
     if runtime::get().is_some() && !runtime::sandboxed() {
         report_deferred(&monitor::Monitor::new());
+        log::flush_suppressed(true);
     }
 }

@@ -31,8 +31,9 @@
 
 use crate::addr;
 use crate::config::{CloseWaitMode, Unread};
+use crate::event::{Action, Event};
 use crate::hooksafe::fdtable::{self, Meta, Role, State, flag};
-use crate::hooksafe::log::{Level, emit};
+use crate::hooksafe::log;
 use crate::hooksafe::release::{self, FOUND, LOGGED, SHUT, UNREAD_KEPT, in_use, mark_acted, unread_bytes};
 use crate::hooksafe::settings::Runtime;
 use crate::hooksafe::{ownfd, wake};
@@ -56,7 +57,7 @@ struct Leak {
     /// An `unread` line was written for it already.
     unread_logged: bool,
     /// What was done: None while waiting for KEEPFIX_CLOSE_WAIT_AFTER.
-    done: Option<&'static str>,
+    done: Option<Action>,
 }
 
 /// What a release attempt ended with.
@@ -72,7 +73,8 @@ enum Outcome {
     InUse,
     /// SIGPIPE would kill the program at its next write: left as it is.
     KeptSigpipe,
-    ShutDown(&'static str),
+    /// Done: logged (log mode), shut down, or found dead.
+    Done(Action),
 }
 
 pub struct Detector {
@@ -302,21 +304,21 @@ impl Detector {
                 }
                 leak.unread_logged = true;
                 UNREAD_KEPT.fetch_add(1, Relaxed);
-                "kept_unread"
+                Action::KeptUnread
             }
-            Outcome::KeptSigpipe => "kept_sigpipe",
-            Outcome::ShutDown(a) => a,
+            Outcome::KeptSigpipe => Action::KeptSigpipe,
+            Outcome::Done(a) => a,
         };
-        if action != "kept_unread" {
+        if action != Action::KeptUnread {
             leak.done = Some(action);
         }
         match action {
-            "logged" | "kept_sigpipe" => LOGGED.fetch_add(1, Relaxed),
-            "kept_unread" => 0,
-            _ => SHUT.fetch_add(1, Relaxed),
+            Action::Logged | Action::KeptSigpipe => LOGGED.fetch_add(1, Relaxed),
+            Action::KeptUnread => 0,
+            Action::Shutdown | Action::Dead | Action::Vacated => SHUT.fetch_add(1, Relaxed),
         };
         let (peer, local, state, unread) = (leak.peer, leak.local, leak.state, leak.unread);
-        if matches!(action, "shutdown" | "dead") {
+        if matches!(action, Action::Shutdown | Action::Dead) {
             // No longer a socket left in CLOSE_WAIT: its slot says ACTED, so it is not taken up
             // again; in close mode its number may be freed later (vacate_forgotten).
             self.leaks.remove(&fd);
@@ -338,7 +340,7 @@ impl Detector {
         if let Some(s) = fdtable::slot(fd) {
             s.replace_same_gen(m, m.with_flags(flag::ACTED, 0));
         }
-        Outcome::ShutDown("logged")
+        Outcome::Done(Action::Logged)
     }
 
     /// Shutdown and close modes: shuts the socket down through a private duplicate (checked to
@@ -356,7 +358,7 @@ impl Detector {
             // handed over).
             let Some(rel) = slot.begin_release(fd, m, ino) else { return Outcome::Raced };
             let outcome = self.release_through(fd, fd, ino, slot, m);
-            let acted = matches!(outcome, Outcome::ShutDown(_) | Outcome::KeptSigpipe);
+            let acted = matches!(outcome, Outcome::Done(_) | Outcome::KeptSigpipe);
             let back = rel.with_state(State::Tracked).with_flags(if acted { flag::ACTED } else { 0 }, 0);
             if slot.end_release(fd, rel, back, false) {
                 // The release moved the generation on: the suspect follows it.
@@ -367,7 +369,7 @@ impl Detector {
             return outcome;
         };
         let outcome = self.release_through(dup.raw(), fd, ino, slot, m);
-        if let Outcome::ShutDown(_) | Outcome::KeptSigpipe = outcome {
+        if let Outcome::Done(_) | Outcome::KeptSigpipe = outcome {
             if sys::borrow(fd).and_then(|b| rustix::fs::fstat(b).ok()).is_none_or(|st| st.st_ino != ino) {
                 // The program closed it meanwhile: ours is the last reference; its close must
                 // not wait here for SO_LINGER.
@@ -406,7 +408,7 @@ impl Detector {
         if info.state == tcp_state::CLOSE {
             // Dead already (reset, timed out): nothing to send. It waits for the program's close,
             // or, in close mode, to be vacated once the program has seen its end.
-            return Outcome::ShutDown("dead");
+            return Outcome::Done(Action::Dead);
         }
         if sys::sigpipe_kills() {
             return Outcome::KeptSigpipe;
@@ -414,7 +416,7 @@ impl Detector {
         // Our FIN goes out after any data still queued, and pollers wake (IN|RDHUP|HUP), even
         // if another reference to the socket exists. The socket stays at its number.
         let _ = rustix::net::shutdown(b, rustix::net::Shutdown::Both);
-        Outcome::ShutDown("shutdown")
+        Outcome::Done(Action::Shutdown)
     }
 
     /// One event line, or a fold into this tick's summary once there are many.
@@ -427,51 +429,42 @@ impl Detector {
         age_s: u64,
         state: u8,
         unread: u32,
-        action: &str,
+        action: Action,
     ) {
         self.lines_this_tick += 1;
         if self.lines_this_tick > LINES_PER_TICK {
             let i = match action {
-                "logged" | "kept_sigpipe" => 0,
-                "vacated" => 2,
-                "kept_unread" => 3,
-                _ => 1,
+                Action::Logged | Action::KeptSigpipe => 0,
+                Action::Vacated => 2,
+                Action::KeptUnread => 3,
+                Action::Shutdown | Action::Dead => 1,
             };
             if let Some(c) = self.folded.get_mut(i) {
                 *c += 1;
             }
             return;
         }
-        let level =
-            if matches!(action, "logged" | "kept_unread" | "kept_sigpipe") { Level::Warning } else { Level::Notice };
-        emit(
-            level,
-            format_args!(
-                "close_wait fd={fd} peer={peer} local={local} age={age_s}s state={} unread={unread} action={action}",
-                tcp_state::name(state)
-            ),
-        );
+        log::event(&Event::CloseWait { fd, peer, local, age_s, state, unread, action, at_emfile: false });
     }
 
     /// A summary line when this tick folded lines, and once a minute while suspects are held.
     fn summarise(&mut self, now: u64) {
         let folded: u64 = self.folded.iter().sum();
         let held = self.leaks.len();
-        let due = held > 0 && now.saturating_sub(self.last_summary_ms) >= SUMMARY_EVERY_MS;
-        if folded == 0 && !due {
+        if !summary_due(held, folded, &mut self.last_summary_ms, now) {
             return;
         }
-        self.last_summary_ms = now;
-        let oldest = self.leaks.values().map(|l| now.saturating_sub(l.first_ms) / 1000).max().unwrap_or(0);
+        let oldest_age_s = self.leaks.values().map(|l| now.saturating_sub(l.first_ms) / 1000).max().unwrap_or(0);
         let t = release::totals();
-        let [fl, fs, fc, fu] = self.folded;
-        emit(
-            Level::Warning,
-            format_args!(
-                "close_wait_summary held={held} oldest_age={oldest}s new_logged={fl} new_shutdown={fs} new_vacated={fc} new_unread_kept={fu} total_found={} total_logged={} total_shutdown={} total_vacated={}",
-                t.found, t.logged, t.shutdown, t.vacated
-            ),
-        );
+        log::event(&Event::CloseWaitSummary {
+            held,
+            oldest_age_s,
+            new: self.folded,
+            total_found: t.found,
+            total_logged: t.logged,
+            total_shutdown: t.shutdown,
+            total_vacated: t.vacated,
+        });
         self.folded = [0; 4];
     }
 
@@ -505,5 +498,39 @@ impl Detector {
             });
             fdtable::mark_all_dirty_again();
         }
+    }
+}
+
+/// Is a `close_wait_summary` line due? When this tick folded lines into it, or once a minute
+/// while suspects are held. The minute runs only while some are held, so it starts with the first
+/// one: a summary never reports nothing (issue 13, D4). Updates `last` when it is due.
+fn summary_due(held: usize, folded: u64, last: &mut u64, now: u64) -> bool {
+    if held == 0 {
+        *last = now;
+    }
+    let due = folded > 0 || (held > 0 && now.saturating_sub(*last) >= SUMMARY_EVERY_MS);
+    if due {
+        *last = now;
+    }
+    due
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_first_suspect_after_a_quiet_minute_gets_no_summary_at_once() {
+        // The detector was made at 0; nothing was held for 90 s; a suspect comes.
+        let mut last = 0;
+        for t in (0..90_000).step_by(100) {
+            assert!(!summary_due(0, 0, &mut last, t));
+        }
+        assert!(!summary_due(1, 0, &mut last, 90_000), "an empty summary as the first suspect came");
+        assert!(!summary_due(1, 0, &mut last, 149_000));
+        assert!(summary_due(1, 0, &mut last, 150_000), "no summary a minute after the first suspect");
+        assert!(!summary_due(1, 0, &mut last, 150_100));
+        // Lines folded this tick: a summary at once, whatever the minute.
+        assert!(summary_due(1, 3, &mut last, 150_200));
     }
 }

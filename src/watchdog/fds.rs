@@ -26,7 +26,7 @@ pub fn for_each_open_fd(f: &mut dyn FnMut(RawFd)) -> bool {
         let Ok(d) =
             rustix::fs::open("/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         else {
-            return false;
+            return probe_fds(f);
         };
         transient = Some(sys::own(d));
         transient.as_ref().map_or(-1, |d| d.raw())
@@ -40,11 +40,17 @@ pub fn for_each_open_fd(f: &mut dyn FnMut(RawFd)) -> bool {
     true
 }
 
-/// Without a /proc/self/fd of keepfix's own (lean mode, see ownfd::LEAN_BELOW): asks the
-/// kernel about each number below the soft limit, one fcntl(F_GETFD) each, opening nothing.
+/// The largest soft limit below which the fds are probed one by one when /proc cannot be read.
+const PROBE_MAX: u64 = 16384;
+
+/// Without a /proc/self/fd to read (lean mode, see ownfd::LEAN_BELOW, or no fd free to open it
+/// with): asks the kernel about each number below the soft limit, one fcntl(F_GETFD) each,
+/// opening nothing.
 fn probe_fds(f: &mut dyn FnMut(RawFd)) -> bool {
     let Some(soft) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current else { return false };
-    if soft > crate::hooksafe::ownfd::LEAN_BELOW {
+    // One fcntl per number: at most PROBE_MAX (a few milliseconds), on the watchdog's thread or
+    // at exit, when /proc/self/fd cannot be read (lean mode, or no fd free to open it with).
+    if soft > PROBE_MAX {
         return false;
     }
     for fd in 0..soft as RawFd {

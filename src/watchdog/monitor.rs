@@ -4,94 +4,57 @@
 //! near the limit.
 
 use crate::config::CloseWaitMode;
+use crate::event::{Breakdown, Census, Event, Used};
 use crate::hooksafe::emfile::{MAX_FD_SEEN, limits, set_poke_at};
 use crate::hooksafe::fdtable::{self, Meta, State, flag};
-use crate::hooksafe::log::{Level, emit};
+use crate::hooksafe::log;
 use crate::hooksafe::settings::Runtime;
 use crate::hooksafe::{ownfd, release};
-use crate::sys::{self, tcp_state};
+use crate::sys;
 use core::sync::atomic::Ordering::*;
 use rustix::fd::RawFd;
-/// Counts by kind of what the process's fds are, for warning lines.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Census {
-    pub used: u64,
-    pub tcp: u64,
-    pub tcp_by_state: [u64; 12],
-    pub other_sockets: u64,
-    pub other_fds: u64,
-    pub keepfix: u64,
-}
-
-impl Census {
-    pub fn take() -> Census {
-        let mut c = Census::default();
-        crate::watchdog::fds::for_each_open_fd(&mut |fd| {
-            c.used += 1;
-            let mut tracked = false;
-            if let Some(s) = fdtable::slot(fd) {
-                match s.load().state() {
-                    State::Own => {
-                        c.keepfix += 1;
-                        return;
-                    }
-                    State::Tracked => tracked = true,
-                    _ => {}
-                }
-            }
-            let Some(b) = sys::borrow(fd) else { return };
-            // A socket the table tracks is TCP: one TCP_INFO, no probing.
-            if tracked {
-                if let Ok(i) = sys::tcp_info(fd) {
-                    c.tcp += 1;
-                    if let Some(n) = c.tcp_by_state.get_mut(i.state as usize) {
-                        *n += 1;
-                    }
+/// The process's fds by kind, counted now; or why they could not be (no fd free to read
+/// /proc/self/fd with, at a full table, and too many numbers to probe one by one).
+pub fn census() -> Breakdown {
+    let mut c = Census::default();
+    let counted = crate::watchdog::fds::for_each_open_fd(&mut |fd| {
+        c.used += 1;
+        let mut tracked = false;
+        if let Some(s) = fdtable::slot(fd) {
+            match s.load().state() {
+                State::Own => {
+                    c.keepfix += 1;
                     return;
                 }
-            }
-            let is_sock = rustix::fs::fstat(b).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK);
-            if !is_sock {
-                c.other_fds += 1;
-            } else if crate::hooksafe::keepalive::probe_tcp(b).is_some() {
-                c.tcp += 1;
-                let st = sys::tcp_info(fd).map_or(0, |i| i.state) as usize;
-                if let Some(n) = c.tcp_by_state.get_mut(st) {
-                    *n += 1;
-                }
-            } else {
-                c.other_sockets += 1;
-            }
-        });
-        c
-    }
-
-    /// `tcp=… tcp_established=… tcp_close_wait=… …`, the breakdown part of a line.
-    pub fn breakdown(&self) -> impl core::fmt::Display + '_ {
-        struct B<'a>(&'a Census);
-        impl core::fmt::Display for B<'_> {
-            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-                let c = self.0;
-                let s = |st: u8| c.tcp_by_state.get(st as usize).copied().unwrap_or(0);
-                let named =
-                    s(tcp_state::ESTABLISHED) + s(tcp_state::CLOSE_WAIT) + s(tcp_state::CLOSE) + s(tcp_state::LISTEN);
-                write!(
-                    f,
-                    "tcp={} tcp_established={} tcp_close_wait={} tcp_close={} tcp_listen={} tcp_other={} other_sockets={} other_fds={} keepfix={}",
-                    c.tcp,
-                    s(tcp_state::ESTABLISHED),
-                    s(tcp_state::CLOSE_WAIT),
-                    s(tcp_state::CLOSE),
-                    s(tcp_state::LISTEN),
-                    c.tcp.saturating_sub(named),
-                    c.other_sockets,
-                    c.other_fds,
-                    c.keepfix
-                )
+                State::Tracked => tracked = true,
+                _ => {}
             }
         }
-        B(self)
-    }
+        let Some(b) = sys::borrow(fd) else { return };
+        // A socket the table tracks is TCP: one TCP_INFO, no probing.
+        if tracked {
+            if let Ok(i) = sys::tcp_info(fd) {
+                c.tcp += 1;
+                if let Some(n) = c.tcp_by_state.get_mut(i.state as usize) {
+                    *n += 1;
+                }
+                return;
+            }
+        }
+        let is_sock = rustix::fs::fstat(b).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK);
+        if !is_sock {
+            c.other_fds += 1;
+        } else if crate::hooksafe::keepalive::probe_tcp(b).is_some() {
+            c.tcp += 1;
+            let st = sys::tcp_info(fd).map_or(0, |i| i.state) as usize;
+            if let Some(n) = c.tcp_by_state.get_mut(st) {
+                *n += 1;
+            }
+        } else {
+            c.other_sockets += 1;
+        }
+    });
+    if counted { Breakdown::Counted(c) } else { Breakdown::NotCounted("proc_fd_unavailable") }
 }
 
 /// Counts the open fds: the size of /proc/self/fd, or its entries (less the directory's own).
@@ -121,11 +84,6 @@ impl Default for Monitor {
 impl Monitor {
     pub fn new() -> Monitor {
         Monitor { level: 0, last_used: 0, ticks: 0, last_warn_ms: 0 }
-    }
-
-    /// The last exact count of open fds.
-    pub fn used(&self) -> u64 {
-        self.last_used
     }
 
     pub fn tick(&mut self, rt: &'static Runtime, now: u64, tick_ms: u64) {
@@ -163,10 +121,7 @@ impl Monitor {
                 let want = used.saturating_sub(soft * 3 / 4) as usize;
                 let freed = vacate_forgotten_many(rt, want.max(1));
                 if freed > 0 {
-                    emit(
-                        Level::Notice,
-                        format_args!("vacate count={freed} used={used} limit={soft} reason=near_limit"),
-                    );
+                    log::event(&Event::Vacate { count: freed, used: Used::Counted(used), limit: soft });
                     self.last_used = used.saturating_sub(freed as u64);
                 }
             }
@@ -181,14 +136,12 @@ impl Monitor {
         if reached > self.level {
             self.level = reached;
             self.last_warn_ms = now;
-            let c = Census::take();
-            emit(
-                Level::Warning,
-                format_args!("nofile used={} limit={soft} pct={pct} level={reached} {}", c.used, c.breakdown()),
-            );
+            let breakdown = census();
+            let used = breakdown.used(used);
+            log::event(&Event::Nofile { used, limit: soft, level: reached, breakdown });
         } else if self.level > 0 && pct + 5 < warn {
             self.level = 0;
-            emit(Level::Notice, format_args!("nofile_recovered used={used} limit={soft} pct={pct}"));
+            log::event(&Event::NofileRecovered { used: Used::Counted(used), limit: soft });
         }
     }
 }
@@ -209,4 +162,13 @@ pub fn vacate_forgotten_many(rt: &Runtime, n: usize) -> usize {
     });
     all.sort_unstable_by_key(|&(idle, fd, _, _)| (core::cmp::Reverse(idle), fd));
     all.iter().take(n).filter(|&&(_, fd, m, ino)| release::vacate(rt, fd, m, ino)).count()
+}
+
+/// How many fds the process holds now: counted, or at least the highest number the kernel handed
+/// out plus one (when no count can be taken). For lines and metrics.
+pub fn used_now() -> Used {
+    match count_open_fds() {
+        Some(n) => Used::Counted(n),
+        None => Used::AtLeast(u64::try_from(MAX_FD_SEEN.load(Relaxed).saturating_add(1)).unwrap_or(0)),
+    }
 }
