@@ -1,14 +1,16 @@
-//! The watchdog: keepfix's one background thread. It writes what hooks deferred, watches for
-//! CLOSE_WAIT, keeps count of fds against RLIMIT_NOFILE, and writes metrics.
+//! The watchdog's control: starting keepfix's one background thread, stepping it aside, ending
+//! it, and its main loop (which writes what hooks deferred, watches for CLOSE_WAIT, keeps count of
+//! fds against RLIMIT_NOFILE, and writes metrics through the modules below this one).
 //!
 //! It starts lazily, only in a process that has TCP connections, and never in the constructor
 //! (other libraries' constructors may not have run yet): at the first listen(), accept() or
 //! connect(); just before main() when sockets were inherited at exec (the `__libc_start_main`
-//! hook in runtime.rs); and in a forked child, in fork()'s child handler, if the parent's was
-//! running. pthread_create() is not async-signal-safe, so calls a signal handler typically makes
-//! (close, dup, dup2) never start it: one that interrupted malloc() would re-enter it. A child
-//! made by _Fork() (no fork handlers) starts its watchdog at its own next listen/accept/connect.
-//! It blocks every signal the C library lets it block, so
+//! hook in lifecycle); and in a forked child (LAZY) only once the child outlives a scan tick or
+//! goes back to accept() holding its last connection (see [`child_due`]). pthread_create() is not
+//! async-signal-safe, so calls a signal handler typically makes (close, dup, dup2) never start it:
+//! one that interrupted malloc() would re-enter it. A child made by _Fork() (no fork handlers) is
+//! LAZY too, from the first hook that notices it. It blocks every signal the C library lets it
+//! block, so
 //! the program's handlers never run on it, and a SIGPIPE from a log write stays pending here. It
 //! holds nothing a hook waits on, except the few syscalls of a release (see fdtable).
 //!
@@ -28,8 +30,8 @@
 //! listen/accept/connect starts a new one, with the caller's credentials.
 
 use crate::event::{Event, Stopped};
-use crate::hooksafe::settings::{self as runtime, Runtime, WATCHDOG_TID as TID, on_watchdog_thread};
-use crate::hooksafe::{emfile as nofile, log, ownfd, wake};
+use crate::hooksafe::settings::{self, Runtime, WATCHDOG_TID as TID, on_watchdog_thread};
+use crate::hooksafe::{emfile, log, ownfd, wake};
 use crate::sys;
 use crate::watchdog::report::report_deferred;
 use crate::watchdog::stats::{CPU_NS, TICK_LAST_NS, TICK_MAX_NS, TICKS, clock_ns};
@@ -138,7 +140,7 @@ pub fn start_if_wanted(rt: &'static Runtime) {
 /// Starts the watchdog if it is not running. One relaxed load when it is.
 #[inline]
 pub fn ensure_started(rt: &'static Runtime) {
-    runtime::check_forked();
+    settings::check_forked();
     match STATE.load(Relaxed) {
         IDLE => start(rt),
         LAZY => child_due(rt),
@@ -216,7 +218,7 @@ fn start_child(rt: &'static Runtime) {
 
 #[cold]
 fn start(rt: &'static Runtime) {
-    if runtime::sandboxed() || PAUSERS.load(SeqCst) != 0 {
+    if settings::sandboxed() || PAUSERS.load(SeqCst) != 0 {
         return;
     }
     let _errno = sys::ErrnoGuard::save();
@@ -241,7 +243,7 @@ fn start(rt: &'static Runtime) {
     // own allocation (a daemon's close(0); open("/dev/null") relies on getting 0).
     ownfd::prepare();
     wake::prepare(rt);
-    nofile::open_reserve();
+    emfile::open_reserve();
     // SAFETY: plain pthread calls on local storage. The new thread inherits the full signal mask;
     // glibc's pthread_sigmask keeps its own internal signals (cancellation, setxid) unblocked.
     let ok = unsafe {
@@ -343,7 +345,7 @@ impl Paused {
     pub fn resume(self, took_effect: bool) {
         let _errno = sys::ErrnoGuard::save();
         if self.why == Why::Seccomp && took_effect {
-            runtime::set_sandboxed();
+            settings::set_sandboxed();
         }
         let restart = self.stopped || RESTART_PENDING.swap(false, Relaxed);
         if PAUSERS.fetch_sub(1, SeqCst) != 1 {
@@ -352,7 +354,7 @@ impl Paused {
             }
             return;
         }
-        if runtime::sandboxed() {
+        if settings::sandboxed() {
             return;
         }
         let _ = STOP.compare_exchange(STOP_PAUSE, STOP_NONE, AcqRel, Relaxed);
@@ -470,9 +472,9 @@ pub fn after_fork_child() {
     IS_CHILD.store(true, Relaxed);
     RAN_HERE.store(false, Relaxed);
     let st = STATE.load(Relaxed);
-    if st == RUNNING || (st == PAUSED && !runtime::sandboxed()) || (st == IDLE && pending) || st == LAZY {
+    if st == RUNNING || (st == PAUSED && !settings::sandboxed()) || (st == IDLE && pending) || st == LAZY {
         if CHILD_MAY_START.load(Relaxed) {
-            let tick = runtime::get().map_or(1000, |rt| rt.cfg.scan_interval_ms.max(1));
+            let tick = settings::get().map_or(1000, |rt| rt.cfg.scan_interval_ms.max(1));
             LAZY_DUE_MS.store(sys::now_ms() + tick, Relaxed);
             STATE.store(LAZY, Relaxed);
         } else {
@@ -492,7 +494,7 @@ pub fn after_fork_child() {
 /// Closes what a forked child copied of the parent's own fds (keeping the reserve and the log's
 /// fd), before a watchdog of its own makes new ones.
 fn settle_inherited_fds() {
-    let keep = [nofile::reserve_fd(), log::own_fd()];
+    let keep = [emfile::reserve_fd(), log::own_fd()];
     ownfd::after_fork_child(&keep);
     wake::after_fork_child();
 }
@@ -548,7 +550,7 @@ fn run(rt: &'static Runtime) {
             detector.repair();
             detector.tick(now);
             monitor.tick(rt, now, interval);
-            nofile::open_reserve();
+            emfile::open_reserve();
             let took = clock_ns(rustix::time::ClockId::Monotonic).saturating_sub(t0);
             TICKS.fetch_add(1, Relaxed);
             TICK_LAST_NS.store(took, Relaxed);
@@ -578,7 +580,7 @@ fn credentials_differ() -> bool {
 /// At exit (the destructor): log what is still deferred.
 pub fn at_exit() {
     // Under the program's seccomp filter keepfix makes no system call, not even at exit.
-    if runtime::get().is_some() && !runtime::sandboxed() {
+    if settings::get().is_some() && !settings::sandboxed() {
         report_deferred(&monitor::Monitor::new());
         log::flush_suppressed(true);
     }
