@@ -210,9 +210,6 @@ fn start_child(rt: &'static Runtime) {
         STATE.store(STOPPED, Relaxed);
         return;
     }
-    // What the child copied of the parent's own fds is closed now, not at fork: a child that
-    // never needs a watchdog pays nothing for it.
-    settle_inherited_fds();
     start(rt);
 }
 
@@ -471,6 +468,7 @@ pub fn after_fork_child() {
     }
     IS_CHILD.store(true, Relaxed);
     RAN_HERE.store(false, Relaxed);
+    CHILD_CONN.store(0, Relaxed);
     let st = STATE.load(Relaxed);
     if st == RUNNING || (st == PAUSED && !settings::sandboxed()) || (st == IDLE && pending) || st == LAZY {
         if CHILD_MAY_START.load(Relaxed) {
@@ -483,12 +481,11 @@ pub fn after_fork_child() {
     }
     // Releases the parent had under way first: the rest may touch those slots.
     crate::hooksafe::fdtable::after_fork_child();
-    // Closing the copies of the parent's own fds (system calls) waits until this child starts a
-    // watchdog of its own, if it ever does. (The parent's /proc/self files are never read here:
-    // ownfd reopens them when its pid differs.)
-    if STATE.load(Relaxed) != LAZY {
-        settle_inherited_fds();
-    }
+    // The copies of the parent's own fds are closed now, while this child has one thread: the
+    // copy of the fd table may name fds the child does not have (opened after it), and a number
+    // the program takes later must never be closed as keepfix's. A few system calls; the thread
+    // itself waits until the child has work (LAZY).
+    settle_inherited_fds();
 }
 
 /// Closes what a forked child copied of the parent's own fds (keeping the reserve and the log's
