@@ -13,9 +13,9 @@
 //! 1. `hooksafe`: the state and operations a hook may touch: settings, the fd table, keepfix's own
 //!    fds, the log sink and the deferred-event ring, keepalive options, releases and EMFILE.
 //!    Async-signal-safe, allocation-free, lock-free.
-//! 0. base: `sys` (raw syscalls), `real` (the real libc functions), `config` (the KEEPFIX_*
-//!    parser, shared with the command), `event` (the event vocabulary), `addr`, `alloc`
-//!    (keepfix's own heap).
+//! 0. base, in this order: `sys` (raw syscalls) and `config` (the KEEPFIX_* parser, shared with
+//!    the command); `real` (the real libc functions), `addr`, `alloc` (keepfix's own heap); and
+//!    `event` (the event vocabulary).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 #![cfg_attr(test, allow(dead_code, clippy::unwrap_used, clippy::indexing_slicing, clippy::panic))]
 
