@@ -5,8 +5,10 @@
 //! The dead leave files too (SIGKILL, SIGTERM without a handler, `_exit` in a forked child), and a
 //! collector would export them for ever. So the file's first line says which process wrote it
 //! (`# keepfix pid=P start=S pidns=N`: the start time from /proc/PID/stat, field 22, in clock
-//! ticks since boot, and the PID namespace's inode), and before a write (at most once a second)
-//! the watchdog sweeps the directory: it removes the files of PIDs that no longer exist, and of
+//! ticks since boot, and the PID namespace's inode), and before a write the watchdog sweeps the
+//! directory (at most every 5 s, and every N s when it holds N files of other processes, so that
+//! the sweeps of all the processes sharing a directory cost in all what one file costs, about
+//! 10 µs, a second): it removes the files of PIDs that no longer exist, and of
 //! PIDs that now belong to another process (another start time). A file it cannot judge stays:
 //! one from another PID namespace, one without that line, one whose process /proc hides
 //! (hidepid). An abandoned temporary file (older than a minute) goes too.
@@ -31,8 +33,8 @@ pub struct Writer {
     /// The file's first line: which process wrote it. `None` without /proc (then no sweep: the
     /// other processes could not be checked either).
     identity: Option<Identity>,
-    /// When the directory was last swept (monotonic ms; 0: never).
-    swept_ms: u64,
+    /// When the directory is swept next (monotonic ms; 0: at the first write).
+    sweep_at_ms: u64,
 }
 
 /// What tells this process from a later one with the same PID, and the PIDs of one namespace
@@ -46,8 +48,11 @@ struct Identity {
     pidns: u64,
 }
 
-/// The sweep runs at most this often: poked ticks near the fd limit come every millisecond.
-const SWEEP_EVERY_MS: u64 = 1000;
+/// The sweep runs at most this often (poked ticks near the fd limit come every millisecond)...
+const SWEEP_EVERY_MS: u64 = 5000;
+/// ... and waits this long per file of another process it saw: N processes sharing a directory
+/// check N files each, every N seconds.
+const SWEEP_PER_FILE_MS: u64 = 1000;
 /// A temporary file lives for one write (microseconds); one older than this was abandoned.
 const TMP_ABANDONED_S: i64 = 60;
 
@@ -82,16 +87,16 @@ impl Writer {
             EXIT_ID.1.store(id.start, Relaxed);
             EXIT_ID.2.store(id.pidns, Relaxed);
         }
-        Writer { path, dir, program: rt.program.clone(), failed_logged: false, identity, swept_ms: 0 }
+        Writer { path, dir, program: rt.program.clone(), failed_logged: false, identity, sweep_at_ms: 0 }
     }
 
     /// `_monitor`: the fd count is taken at the write (see [`render`]), not the monitor's last.
     pub fn write(&mut self, detector: &Detector, _monitor: &Monitor, now: u64) {
         let Some((path, tmp)) = &self.path else { return };
         if let Some(id) = self.identity {
-            if self.swept_ms == 0 || now >= self.swept_ms + SWEEP_EVERY_MS {
-                self.swept_ms = now.max(1);
-                sweep(&self.dir, &id);
+            if now >= self.sweep_at_ms {
+                let (_, seen) = sweep(&self.dir, &id);
+                self.sweep_at_ms = now + SWEEP_EVERY_MS.max(seen as u64 * SWEEP_PER_FILE_MS);
             }
         }
         let mut text = match self.identity {
@@ -426,10 +431,13 @@ fn file_pid(name: &[u8]) -> Option<(i32, bool)> {
     Some((digits.parse().ok().filter(|&p: &i32| p > 0)?, tmp))
 }
 
-/// Removes the files of the dead from `dir` (see the module's comment). Returns how many went.
-fn sweep(dir: &str, me: &Identity) -> usize {
+/// Removes the files of the dead from `dir` (see the module's comment). Returns how many went,
+/// and how many files of other processes it looked at.
+fn sweep(dir: &str, me: &Identity) -> (usize, usize) {
     use rustix::fs::{Mode, OFlags, RawDir};
-    let Ok(d) = crate::ownfd::Temp::open(dir, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()) else { return 0 };
+    let Ok(d) = crate::ownfd::Temp::open(dir, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()) else {
+        return (0, 0);
+    };
     let mut found: Vec<(String, i32, bool)> = Vec::new();
     d.with(|b| {
         let mut buf = [core::mem::MaybeUninit::<u8>::uninit(); 4096];
@@ -445,6 +453,7 @@ fn sweep(dir: &str, me: &Identity) -> usize {
     });
     drop(d);
     let dir = dir.trim_end_matches('/');
+    let seen = found.len();
     let mut removed = 0;
     for (name, pid, tmp) in found {
         let path = format!("{dir}/{name}");
@@ -453,7 +462,7 @@ fn sweep(dir: &str, me: &Identity) -> usize {
             removed += 1;
         }
     }
-    removed
+    (removed, seen)
 }
 
 /// Is the file at `path`, named for `pid`, one of a process that is gone?

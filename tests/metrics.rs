@@ -365,9 +365,8 @@ fn a_killed_process_file_is_removed_by_a_live_process() {
     eventually("the killed process's file is removed", Duration::from_secs(10), || {
         !dir.file_of(victim_pid).exists() && !old.exists()
     });
-    // Several sweeps later, the living keep theirs.
+    // A second live process's sweep (before its first write) keeps the first one's file.
     let other = metrics_server(&dir);
-    std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(prom_files(&dir.0), BTreeSet::from([live.pid(), other.pid()]));
 }
 
@@ -398,8 +397,8 @@ fn a_file_whose_pid_now_belongs_to_another_program_is_removed() {
     std::fs::write(&unrelated, body).unwrap();
 
     let live = metrics_server(&dir);
+    // The sweep that removes it (before the live server's first write) keeps the others.
     eventually("the reused PID's file is removed", Duration::from_secs(10), || !reused.exists());
-    std::thread::sleep(Duration::from_millis(1500));
     assert!(matching.exists(), "a file whose process lives was removed");
     assert!(foreign.exists(), "a file of another PID namespace was removed");
     assert!(unrelated.exists(), "another tool's file was removed");
@@ -448,7 +447,8 @@ fn forked_workers_write_their_own_files_and_none_outlives_the_run() {
     let killed = *workers.iter().next().unwrap();
     // SAFETY: signalling our child's child.
     unsafe { libc::kill(killed, libc::SIGKILL) };
-    eventually("the killed worker's file is removed", Duration::from_secs(10), || !dir.file_of(killed).exists());
+    // Each of the two processes left sweeps every 5 s (src/metrics.rs, SWEEP_EVERY_MS).
+    eventually("the killed worker's file is removed", Duration::from_secs(15), || !dir.file_of(killed).exists());
     let (_, status) = p.stop();
     assert!(status.success(), "{status:?}");
     assert_eq!(prom_files(&dir.0), BTreeSet::new(), "files left after the run");
