@@ -6,10 +6,10 @@
 //! collector would export them for ever. So the file's first line says which process wrote it
 //! (`# keepfix pid=P start=S pidns=N`: the start time from /proc/PID/stat, field 22, in clock
 //! ticks since boot, and the PID namespace's inode), and before a write the watchdog sweeps the
-//! directory (at most every 5 s, and every N s when it holds N files of other processes, so that
-//! the sweeps of all the processes sharing a directory cost in all what one file costs, about
-//! 10 µs, a second): it removes the files of PIDs that no longer exist, and of
-//! PIDs that now belong to another process (another start time). A file it cannot judge stays:
+//! directory (at most every 5 s, and every N s when it holds N files of other processes: each
+//! process spends what one file's check costs, about 20 µs, a second, however many share the
+//! directory): it removes the files of PIDs that no longer exist, and of PIDs that now belong to
+//! another process (another start time). A file it cannot judge stays:
 //! one from another PID namespace, one without that line, one whose process /proc hides
 //! (hidepid). An abandoned temporary file (older than a minute) goes too.
 //!
