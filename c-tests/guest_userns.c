@@ -57,6 +57,10 @@ static void in_child(const char *via)
     if (pid < 0)
         die("fork:");
     if (pid == 0) {
+        /* A worker that lives on and listens: a preloaded library's thread starts in it too
+         * (keepfix starts a forked child's only once the child has outlived its scan tick). */
+        sleep_ms(150);
+        int own = listen_on(AF_INET, 0, 0, 0);
         int before = threads();
         int r, e;
         if (!strcmp(via, "libc")) {
@@ -72,6 +76,7 @@ static void in_child(const char *via)
         printf("%s via=%s rc=%d errno=%d threads_before=%d threads_after=%d\n",
                strcmp(via, "setns") ? "UNSHARE" : "SETNS", via, r, e, before, threads());
         fflush(stdout);
+        close(own);
         _exit(0);
     }
     int st;

@@ -9,15 +9,17 @@
  *   open N    open N more fds of /dev/null (stops at the first failure)
  *   close N   close N of the files it holds (the most recent first)
  *   count     report the number of open fds (from /proc/self/fd)
+ *   rlimit [N] set RLIMIT_NOFILE to its current values, or its soft limit to N
  * stdin EOF or SIGTERM: print STATS and exit 0.
  *
  * Usage: many_files PORT
  * stdout: READY port=P, ACCEPT fd=N, ACCEPT_ERR errno=E, OPENED total=T,
- *         OPEN_ERR errno=E total=T, CLOSED total=T, FDS n=X, UNKNOWN cmd=W,
+ *         OPEN_ERR errno=E total=T, CLOSED total=T, FDS n=X, RLIMIT rc=R soft=S, UNKNOWN cmd=W,
  *         STATS accepted=A files=T errors=E
  */
 #define _GNU_SOURCE
 #include "common.h"
+#include <sys/resource.h>
 
 static int *files;
 static long nfiles, fcap, errors;
@@ -62,6 +64,15 @@ static void command(char *cmd)
         do_close(n);
     else if (strcmp(word, "count") == 0)
         printf("FDS n=%d\n", count_open_fds());
+    else if (strcmp(word, "rlimit") == 0) {
+        /* "rlimit": set RLIMIT_NOFILE to what it is (as a JVM does); "rlimit N": soft to N. */
+        struct rlimit rl;
+        getrlimit(RLIMIT_NOFILE, &rl);
+        if (k == 2)
+            rl.rlim_cur = (rlim_t)n;
+        int r = setrlimit(RLIMIT_NOFILE, &rl);
+        printf("RLIMIT rc=%d soft=%ld\n", r, (long)rl.rlim_cur);
+    }
     else
         printf("UNKNOWN cmd=%s\n", word);
 }

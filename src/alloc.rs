@@ -17,10 +17,27 @@
 //! fork is ever freed in a child, the old watchdog's objects being gone with it).
 //!
 //! When the heap cannot grow (the limit, or the program has used up its address space), an
-//! allocation fails: on the watchdog's thread it stops for good (see `watchdog::out_of_memory`)
+//! allocation fails: on the watchdog's thread it stops for good (see `watchdog::control::out_of_memory`, registered with [`set_oom_handler`])
 //! and the program goes on with hooks only; elsewhere Rust aborts, as with any allocator.
 
 use core::alloc::{GlobalAlloc, Layout};
+
+/// What a failed allocation calls first (the watchdog registers its own at load: this module is
+/// below it and does not name it).
+static OOM: core::sync::atomic::AtomicPtr<()> = core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+
+pub fn set_oom_handler(f: fn()) {
+    OOM.store(f as *mut (), core::sync::atomic::Ordering::Release);
+}
+
+fn on_oom() {
+    let f = OOM.load(core::sync::atomic::Ordering::Acquire);
+    if !f.is_null() {
+        // SAFETY: set_oom_handler stored a `fn()`.
+        let f: fn() = unsafe { core::mem::transmute(f) };
+        f();
+    }
+}
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 use dlmalloc::Dlmalloc;
@@ -164,7 +181,7 @@ unsafe impl GlobalAlloc for Heap {
         // SAFETY: the layout's size and alignment, as dlmalloc wants them.
         let p = self.with(|d| unsafe { d.malloc(layout.size(), layout.align()) });
         if p.is_null() {
-            crate::watchdog::out_of_memory();
+            on_oom();
         }
         p
     }
@@ -173,7 +190,7 @@ unsafe impl GlobalAlloc for Heap {
         // SAFETY: as in alloc.
         let p = self.with(|d| unsafe { d.calloc(layout.size(), layout.align()) });
         if p.is_null() {
-            crate::watchdog::out_of_memory();
+            on_oom();
         }
         p
     }
@@ -187,7 +204,7 @@ unsafe impl GlobalAlloc for Heap {
         // SAFETY: ptr came from this heap with this layout.
         let p = self.with(|d| unsafe { d.realloc(ptr, layout.size(), layout.align(), new_size) });
         if p.is_null() {
-            crate::watchdog::out_of_memory();
+            on_oom();
         }
         p
     }

@@ -10,12 +10,12 @@
 //! pass-through used while keepfix is inactive (before the constructor, when disabled, in a vfork
 //! child). A symbol missing from the C library makes its hook fail with ENOSYS.
 
-use crate::fdtable::{self, Meta, Role, State, flag};
-use crate::keepalive::{self, Opt};
-use crate::runtime::Runtime;
+use crate::hooksafe::fdtable::{self, Meta, Role, State, flag};
+use crate::hooksafe::keepalive::{self, Opt};
+use crate::hooksafe::settings::Runtime;
+use crate::hooksafe::{emfile, release};
 use crate::sys::{self, errno, set_errno};
-use crate::watchdog::Why;
-use crate::{closewait, nofile, watchdog};
+use crate::watchdog::control::{self as watchdog, Why};
 use core::ffi::{c_int, c_uint, c_void};
 use libc::{fd_set, rlimit, sockaddr, socklen_t, timespec, timeval};
 
@@ -51,7 +51,7 @@ macro_rules! hooks {
         $(
             #[cfg_attr(not(test), unsafe(no_mangle))]
             pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
-                match crate::runtime::active() {
+                match crate::hooksafe::settings::active() {
                     // SAFETY: the program's arguments, passed on as they came.
                     Some(rt) => unsafe { $imp(rt, $($arg),*) },
                     None => unsafe { real::$name($($arg),*) },
@@ -143,8 +143,11 @@ macro_rules! read_hooks {
                     // the program's arguments, passed on as they came.
                     let f: unsafe extern "C" fn(c_int $(, $ty)*) -> isize = unsafe { core::mem::transmute(p) };
                     let $r = unsafe { f($fd $(, $arg)*) };
-                    if $r <= 0 && crate::runtime::active().is_some() {
+                    if $r <= 0 && crate::hooksafe::settings::active().is_some() {
                         read_end($fd, $r, $room);
+                    }
+                    if crate::watchdog::control::is_lazy() {
+                        lazy_read($fd);
                     }
                     $r
                 }
@@ -182,6 +185,18 @@ fn read_end(fd: c_int, r: isize, room: bool) {
         if m.is_tracked() && !m.has(flag::SAW_EOF) {
             s.set_flags(flag::SAW_EOF, 0);
         }
+    }
+}
+
+/// A read in a forked child that has no watchdog yet: one on a TCP socket keepfix tracks may
+/// start the child's own, once the child has outlived a scan tick (watchdog::child_due). That is
+/// how a long-lived child (a database backend serving one client for hours) is covered, while a
+/// child that serves one request and exits never gets a thread. Leaves errno alone.
+#[cold]
+fn lazy_read(fd: c_int) {
+    let Some(rt) = crate::hooksafe::settings::active() else { return };
+    if fdtable::slot(fd).is_some_and(|s| s.load().is_tracked()) {
+        watchdog::child_due(rt);
     }
 }
 
@@ -242,6 +257,7 @@ unsafe fn on_listen(rt: &'static Runtime, fd: c_int, backlog: c_int) -> c_int {
 }
 
 unsafe fn on_accept(rt: &'static Runtime, fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    watchdog::child_accepting(rt);
     let r = unsafe { real::accept(fd, addr, len) };
     if r >= 0 {
         on_accepted(rt, fd, r);
@@ -249,7 +265,7 @@ unsafe fn on_accept(rt: &'static Runtime, fd: c_int, addr: *mut sockaddr, len: *
     }
     let e = errno();
     if e == libc::EMFILE || e == libc::ENFILE {
-        return nofile::accept_failed(rt, fd, e, &mut || unsafe { real::accept(fd, addr, len) }, &|n| {
+        return emfile::accept_failed(rt, fd, e, &mut || unsafe { real::accept(fd, addr, len) }, &|n| {
             on_accepted(rt, fd, n)
         });
     }
@@ -257,6 +273,7 @@ unsafe fn on_accept(rt: &'static Runtime, fd: c_int, addr: *mut sockaddr, len: *
 }
 
 unsafe fn on_accept4(rt: &'static Runtime, fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    watchdog::child_accepting(rt);
     let r = unsafe { real::accept4(fd, addr, len, flags) };
     if r >= 0 {
         on_accepted(rt, fd, r);
@@ -264,7 +281,7 @@ unsafe fn on_accept4(rt: &'static Runtime, fd: c_int, addr: *mut sockaddr, len: 
     }
     let e = errno();
     if e == libc::EMFILE || e == libc::ENFILE {
-        return nofile::accept_failed(rt, fd, e, &mut || unsafe { real::accept4(fd, addr, len, flags) }, &|n| {
+        return emfile::accept_failed(rt, fd, e, &mut || unsafe { real::accept4(fd, addr, len, flags) }, &|n| {
             on_accepted(rt, fd, n)
         });
     }
@@ -275,7 +292,7 @@ unsafe fn on_accept4(rt: &'static Runtime, fd: c_int, addr: *mut sockaddr, len: 
 /// its connections arrived (keepalive is inherited); otherwise one getsockopt, plus the options
 /// when the connection predates them.
 fn on_accepted(rt: &'static Runtime, lfd: c_int, nfd: c_int) {
-    nofile::saw_fd(nfd);
+    emfile::saw_fd(nfd);
     let Some((ls, lm)) = fdtable::slot(lfd).map(|s| (s, s.load())).filter(|(_, m)| m.is_tracked()) else {
         forget(nfd);
         return;
@@ -285,6 +302,7 @@ fn on_accepted(rt: &'static Runtime, lfd: c_int, nfd: c_int) {
     let inherited = lm.has(flag::CONFIGURED) && !lm.has(flag::CHECK_ACCEPTED);
     let flags = flag::CONNECTED | app | if inherited { flag::CONFIGURED } else { 0 };
     ns.track(nfd, Role::Accepted, lm.v6(), flags, sys::now_s());
+    watchdog::child_connection(nfd, ns.load().generation());
     if !inherited {
         if lm.has(flag::CHECK_ACCEPTED) && lm.has(flag::CONFIGURED) && keepalive::has_ours(nfd, &rt.ka, app) {
             // This connection completed its handshake after keepfix configured the listener. The
@@ -321,6 +339,9 @@ unsafe fn on_connect(rt: &'static Runtime, fd: c_int, addr: *const sockaddr, len
         s.update(|m| m.is_tracked().then(|| outbound(m).with_flags(flag::CONNECTED, flag::CONNECTING)));
     } else if e == libc::EINPROGRESS {
         s.update(|m| m.is_tracked().then(|| outbound(m).with_flags(flag::CONNECTING, 0)));
+    }
+    if r == 0 || e == libc::EINPROGRESS {
+        watchdog::child_connection(fd, s.load().generation());
     }
     watchdog::ensure_started(rt);
     set_errno(e);
@@ -364,7 +385,12 @@ unsafe fn on_setsockopt(
             // keepfix's stricter value goes back on. The program still gets what libc returned.
             let kept = keepalive::reapply(fd, opt, &rt.ka).is_ok();
             if keepalive::first_override(opt) {
-                crate::log::defer(crate::log::Deferred::AppKeepaliveOff, fd, opt.index(), i64::from(kept));
+                crate::hooksafe::ring::defer(
+                    crate::hooksafe::ring::Deferred::AppKeepaliveOff,
+                    fd,
+                    opt.index(),
+                    i64::from(kept),
+                );
             }
         }
         keepalive::Verdict::Untouched => {}
@@ -403,7 +429,7 @@ unsafe fn on_close(rt: &'static Runtime, fd: c_int) -> c_int {
             // unless the number holds something new, which is then the program's to close.
             let r = unsafe { real::close(fd) };
             if r == -1 && errno() == libc::EBADF {
-                closewait::note_program_closed(true);
+                release::note_program_closed(true);
                 set_errno(saved);
                 return 0;
             }
@@ -412,7 +438,7 @@ unsafe fn on_close(rt: &'static Runtime, fd: c_int) -> c_int {
         Closing::Plain(old) => {
             if old.is_tracked() && old.has(flag::ACTED) && rt.cfg.close_wait.acts() {
                 // A number keepfix had shut down: the program's own close, at last.
-                closewait::note_program_closed(false);
+                release::note_program_closed(false);
             }
             unsafe { real::close(fd) }
         }
@@ -571,7 +597,9 @@ unsafe fn call_fcntl(sym: &crate::real::Sym, fd: c_int, cmd: c_int, arg: usize) 
 }
 
 unsafe fn fcntl_hook(sym: &crate::real::Sym, fd: c_int, cmd: c_int, arg: usize) -> c_int {
-    let Some(_rt) = crate::runtime::active().filter(|_| cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) else {
+    let Some(_rt) =
+        crate::hooksafe::settings::active().filter(|_| cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC)
+    else {
         return unsafe { call_fcntl(sym, fd, cmd, arg) };
     };
     let m = share(fd);
@@ -599,7 +627,7 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
 /// releases run at once (fdtable's RELEASING cells) plus keepfix's few own fds.
 fn claim_range(first: u32, last: u32) -> ([(u32, u32); 17], usize) {
     // The Own marks decide what is given up: in an unrepaired _Fork() child they may be stale.
-    crate::runtime::check_forked();
+    crate::hooksafe::settings::check_forked();
     let mut held = [u32::MAX; 16];
     let mut n_held = 0;
     fdtable::for_each(first as usize, last as usize, |fd, s| {
@@ -678,7 +706,7 @@ pub unsafe extern "C" fn closefrom(lowfd: c_int) {
             unsafe { f(fd) }
         }
     };
-    if crate::runtime::active().is_none() || lowfd < 0 {
+    if crate::hooksafe::settings::active().is_none() || lowfd < 0 {
         return real_closefrom(lowfd);
     }
     let saved = errno();
@@ -718,7 +746,7 @@ fn closefrom_walk(lo: u32, hi: u32) {
     };
     let dir = rustix::fs::open("/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty());
     let Ok(dir) = dir.map(sys::own) else {
-        let (soft, _) = nofile::limits();
+        let (soft, _) = emfile::limits();
         for fd in lo..=hi.min(soft.min(u64::from(u32::MAX)) as u32) {
             close_one(fd);
         }
@@ -750,7 +778,7 @@ static SYM_FCLOSE: crate::real::Sym = crate::real::Sym::new(c"fclose");
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fclose(fp: *mut libc::FILE) -> c_int {
-    if crate::runtime::active().is_some() && !fp.is_null() {
+    if crate::hooksafe::settings::active().is_some() && !fp.is_null() {
         let saved = errno();
         // SAFETY: the program's FILE, which fclose is about to use too.
         let fd = unsafe { libc::fileno(fp) };
@@ -799,7 +827,7 @@ pub unsafe extern "C" fn syscall(
     // SAFETY: the C library's syscall(), with the program's arguments.
     let real: VariadicSyscall = unsafe { core::mem::transmute(p) };
     let call = || unsafe { real(n, a, b, c, d, e, f) };
-    let Some(rt) = crate::runtime::active() else { return call() };
+    let Some(rt) = crate::hooksafe::settings::active() else { return call() };
     let r = match n {
         libc::SYS_close => Some(unsafe { on_close(rt, a as c_int) }),
         libc::SYS_close_range => Some(unsafe { on_close_range(rt, a as c_uint, b as c_uint, c as c_int) }),
@@ -967,7 +995,7 @@ pub unsafe extern "C" fn prctl(
     // SAFETY: the C library's prctl(), with the program's arguments.
     let real: VariadicPrctl = unsafe { core::mem::transmute(p) };
     let call = || unsafe { real(option, a, b, c, d) };
-    match crate::runtime::active() {
+    match crate::hooksafe::settings::active() {
         Some(rt) if option == libc::PR_SET_SECCOMP && installs_seccomp_prctl(a as usize) => {
             paused(rt, Why::Seccomp, call, |&r| r == 0)
         }
@@ -986,7 +1014,7 @@ unsafe fn on_select(
     t: *mut timeval,
 ) -> c_int {
     if n > libc::FD_SETSIZE as c_int {
-        nofile::select_too_big(n);
+        emfile::select_too_big(n);
     }
     unsafe { real::select(n, r, w, e, t) }
 }
@@ -1001,7 +1029,7 @@ unsafe fn on_pselect(
     m: *const libc::sigset_t,
 ) -> c_int {
     if n > libc::FD_SETSIZE as c_int {
-        nofile::select_too_big(n);
+        emfile::select_too_big(n);
     }
     unsafe { real::pselect(n, r, w, e, t, m) }
 }
@@ -1009,7 +1037,7 @@ unsafe fn on_pselect(
 unsafe fn on_setrlimit(_rt: &'static Runtime, resource: c_int, rlim: *const rlimit) -> c_int {
     let r = unsafe { real::setrlimit(resource, rlim) };
     if r == 0 && resource == libc::RLIMIT_NOFILE as c_int {
-        nofile::limit_changed();
+        emfile::limit_changed();
     }
     r
 }
@@ -1017,7 +1045,7 @@ unsafe fn on_setrlimit(_rt: &'static Runtime, resource: c_int, rlim: *const rlim
 unsafe fn on_setrlimit64(_rt: &'static Runtime, resource: c_int, rlim: *const rlimit) -> c_int {
     let r = unsafe { real::setrlimit64(resource, rlim) };
     if r == 0 && resource == libc::RLIMIT_NOFILE as c_int {
-        nofile::limit_changed();
+        emfile::limit_changed();
     }
     r
 }
@@ -1031,7 +1059,7 @@ unsafe fn on_prlimit(
 ) -> c_int {
     let r = unsafe { real::prlimit(pid, resource, new, old) };
     if r == 0 && !new.is_null() && resource == libc::RLIMIT_NOFILE as c_int {
-        nofile::limit_changed();
+        emfile::limit_changed();
     }
     r
 }
@@ -1045,7 +1073,7 @@ unsafe fn on_prlimit64(
 ) -> c_int {
     let r = unsafe { real::prlimit64(pid, resource, new, old) };
     if r == 0 && !new.is_null() && resource == libc::RLIMIT_NOFILE as c_int {
-        nofile::limit_changed();
+        emfile::limit_changed();
     }
     r
 }

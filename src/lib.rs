@@ -2,36 +2,32 @@
 //! cannot change, tracks those sockets, releases the ones the program leaves in CLOSE_WAIT, and
 //! warns before the process runs out of fds.
 //!
-//! Where things live:
-//! - `hooks`: the interposed libc functions, the only code a program calls.
-//! - `fdtable`: the lock-free, fd-indexed table of what keepfix knows.
-//! - `keepalive`: which sockets are TCP, and setting their options; adoption at load.
-//! - `closewait`: finding and releasing sockets the program forgot.
-//! - `nofile`: RLIMIT_NOFILE warnings and EMFILE handling.
-//! - `watchdog`: the background thread that runs detection, logging and metrics.
-//! - `log`, `metrics`: what keepfix tells the operator.
-//! - `ownfd`: the few fds keepfix holds itself.
-//! - `config`: the KEEPFIX_* variables (shared with the `keepfix` command).
-//! - `alloc`: keepfix's own heap (never the program's malloc).
-//! - `runtime`: load, fork, vfork and exit. `real`: the real functions. `sys`: raw syscalls.
-//!   `addr`: addresses in log lines.
+//! The modules form layers; each imports only from the layers below it
+//! (scripts/modgraph.py checks that the graph has no cycle):
+//!
+//! 3. `hooks` (the interposed libc functions: thin shims, the only code a program calls) and
+//!    `lifecycle` (load, fork, vfork, exec and exit; adoption of inherited sockets at load).
+//! 2. `watchdog`: keepfix's one background thread: the CLOSE_WAIT detector, the fd-limit monitor,
+//!    metrics, writing deferred events. May allocate; never runs inside a hook, but for the few
+//!    hook-safe entry points of `watchdog::control`.
+//! 1. `hooksafe`: the state and operations a hook may touch: settings, the fd table, keepfix's own
+//!    fds, the log sink and the deferred-event ring, keepalive options, releases and EMFILE.
+//!    Async-signal-safe, allocation-free, lock-free.
+//! 0. base: `sys` (raw syscalls), `real` (the real libc functions), `config` (the KEEPFIX_*
+//!    parser, shared with the command), `event` (the event vocabulary), `addr`, `alloc`
+//!    (keepfix's own heap).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 #![cfg_attr(test, allow(dead_code, clippy::unwrap_used, clippy::indexing_slicing, clippy::panic))]
 
 mod addr;
 mod alloc;
-mod closewait;
 #[allow(clippy::indexing_slicing)]
 mod config;
-mod fdtable;
+mod event;
 mod hooks;
-mod keepalive;
-mod log;
-mod metrics;
-mod nofile;
-mod ownfd;
+mod hooksafe;
+mod lifecycle;
 mod real;
-mod runtime;
 mod sys;
 mod watchdog;
 
@@ -41,7 +37,7 @@ mod watchdog;
 #[unsafe(link_section = ".init_array")]
 static INIT: extern "C" fn() = {
     extern "C" fn init() {
-        runtime::init();
+        lifecycle::init();
     }
     init
 };
@@ -52,7 +48,7 @@ static INIT: extern "C" fn() = {
 #[unsafe(link_section = ".fini_array")]
 static FINI: extern "C" fn() = {
     extern "C" fn fini() {
-        runtime::fini();
+        lifecycle::fini();
     }
     fini
 };

@@ -447,27 +447,9 @@ fn forked_workers_write_their_own_files_and_none_outlives_the_run() {
     let killed = *workers.iter().next().unwrap();
     // SAFETY: signalling our child's child.
     unsafe { libc::kill(killed, libc::SIGKILL) };
-    // Each of the two processes left sweeps every 5 s (src/metrics.rs, SWEEP_EVERY_MS).
+    // Each of the two processes left sweeps every 5 s (src/watchdog/metrics.rs, SWEEP_EVERY_MS).
     eventually("the killed worker's file is removed", Duration::from_secs(15), || !dir.file_of(killed).exists());
     let (_, status) = p.stop();
     assert!(status.success(), "{status:?}");
     assert_eq!(prom_files(&dir.0), BTreeSet::new(), "files left after the run");
-}
-
-/// D6: `keepfix_fds_used` is counted at each write, not the last count the fd monitor took (far
-/// from the limit, once a minute). Fails with the monitor's count: the gauge stays where it was.
-#[test]
-fn fds_used_is_counted_at_each_write() {
-    let dir = MetricsDir::new("fds");
-    let mut p = writing_into(&dir, "many_files").nofile(4096).args(["0"]).spawn();
-    p.port();
-    let pid = p.pid();
-    let file = dir.file_of(pid);
-    eventually("the metrics file", Duration::from_secs(10), || read_metrics(&file).is_some());
-    p.send("open 40");
-    p.expect("OPENED");
-    let real = fd_count(pid) as f64;
-    eventually(&format!("keepfix_fds_used near {real}"), Duration::from_secs(5), || {
-        read_metrics(&file).is_some_and(|m| (value(&m, "keepfix_fds_used", &[]) - real).abs() <= 2.0)
-    });
 }

@@ -17,8 +17,8 @@
 //! - A flood of CLOSE_WAIT: 400 peers at once. At most 10 `close_wait` lines a scan tick plus one
 //!   `close_wait_summary`, and the token bucket (60 lines, then 5 a second) with a `suppressed`
 //!   line: the log stays bounded and the summaries still count all 400.
-//!   Checked to fail without the feature: with LINES_PER_TICK (src/closewait.rs) and BURST
-//!   (src/log.rs) raised to 100000, `a_close_wait_flood_gives_bounded_lines_and_summaries` fails
+//!   Checked to fail without the feature: with LINES_PER_TICK (src/watchdog/detector.rs) and BURST
+//!   (src/hooksafe/log.rs) raised to 100000, `a_close_wait_flood_gives_bounded_lines_and_summaries` fails
 //!   (400 close_wait lines).
 //!
 //! Secure execution needs root (to install the set-user-ID library and switch users); without it

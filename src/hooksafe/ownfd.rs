@@ -14,7 +14,7 @@
 //! during such a call is handed over (keepfix closes the number right after its call), so a call
 //! of keepfix's can never reach a file or socket the program opens at that number next.
 
-use crate::fdtable::{self, State};
+use crate::hooksafe::fdtable::{self, State};
 use crate::sys::{self, Fd};
 use core::sync::atomic::{AtomicI32, AtomicU32, Ordering::*};
 use rustix::fd::{BorrowedFd, RawFd};

@@ -16,138 +16,11 @@
 
 use crate::sys;
 use core::fmt::{self, Write as _};
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicI32, Ordering::*};
 use rustix::fd::RawFd;
 
-/// syslog severities; journald reads them from a `<N>` prefix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Level {
-    Err = 3,
-    Warning = 4,
-    Notice = 5,
-    Info = 6,
-}
-
-/// What hooks report for the watchdog to log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Deferred {
-    /// The program turned keepalive off on a tracked socket; a = option, b = 1 if kept on.
-    AppKeepaliveOff = 1,
-    /// A keepalive setsockopt failed; a = option, b = errno.
-    KeepaliveFailed = 2,
-    /// A hook waited 5 s for a release that never ended (a bug): it took the slot over.
-    StuckRelease = 3,
-    /// select() with nfds > FD_SETSIZE; a = nfds.
-    SelectTooBig = 4,
-    /// accept() hit EMFILE; a = what keepfix did (see nofile), b = errno.
-    Emfile = 5,
-    /// setrlimit/prlimit changed RLIMIT_NOFILE; a = new soft limit, b = new hard limit.
-    RlimitChanged = 6,
-    /// accept() hit EMFILE and released a socket left in CLOSE_WAIT at once; a = TCP state.
-    ReleasedAtEmfile = 7,
-    /// fork()ed children get no watchdog (a task limit is near); a = RLIMIT_NPROC, b = system tasks.
-    ChildrenWithoutWatchdog = 8,
-}
-
-impl Deferred {
-    fn from_u32(v: u32) -> Option<Deferred> {
-        Some(match v {
-            1 => Deferred::AppKeepaliveOff,
-            2 => Deferred::KeepaliveFailed,
-            3 => Deferred::StuckRelease,
-            4 => Deferred::SelectTooBig,
-            5 => Deferred::Emfile,
-            6 => Deferred::RlimitChanged,
-            7 => Deferred::ReleasedAtEmfile,
-            8 => Deferred::ChildrenWithoutWatchdog,
-            _ => return None,
-        })
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The deferred-event ring: many producers (hooks, any thread, signal handlers), one consumer.
-
-const RING_LEN: u64 = 256;
-
-struct Rec {
-    /// 2 × turn: empty and ready for the writer of that turn; 2 × turn + 1: full.
-    seq: AtomicU64,
-    kind: AtomicU32,
-    fd: AtomicI32,
-    a: AtomicI64,
-    b: AtomicI64,
-}
-
-static RING: [Rec; RING_LEN as usize] = [const {
-    Rec {
-        seq: AtomicU64::new(0),
-        kind: AtomicU32::new(0),
-        fd: AtomicI32::new(0),
-        a: AtomicI64::new(0),
-        b: AtomicI64::new(0),
-    }
-}; RING_LEN as usize];
-static HEAD: AtomicU64 = AtomicU64::new(0);
-static TAIL: AtomicU64 = AtomicU64::new(0);
-static CONSUMER: AtomicBool = AtomicBool::new(false);
-static RING_DROPPED: AtomicU64 = AtomicU64::new(0);
-
-/// Records an event for the watchdog to log. Lock-free, allocation-free, async-signal-safe; when
-/// the ring is full the event is counted and dropped.
-pub fn defer(kind: Deferred, fd: RawFd, a: i64, b: i64) {
-    let mut pos = HEAD.load(Relaxed);
-    loop {
-        let Some(rec) = RING.get((pos % RING_LEN) as usize) else { return };
-        let turn = pos / RING_LEN;
-        let seq = rec.seq.load(Acquire);
-        if seq == 2 * turn {
-            match HEAD.compare_exchange_weak(pos, pos + 1, Relaxed, Relaxed) {
-                Ok(_) => {
-                    rec.kind.store(kind as u32, Relaxed);
-                    rec.fd.store(fd, Relaxed);
-                    rec.a.store(a, Relaxed);
-                    rec.b.store(b, Relaxed);
-                    rec.seq.store(2 * turn + 1, Release);
-                    return;
-                }
-                Err(actual) => pos = actual,
-            }
-        } else if seq < 2 * turn {
-            RING_DROPPED.fetch_add(1, Relaxed);
-            return;
-        } else {
-            pos = HEAD.load(Relaxed);
-        }
-    }
-}
-
-/// Takes every recorded event, oldest first. One consumer at a time: a second caller gets none.
-pub fn drain(mut f: impl FnMut(Deferred, RawFd, i64, i64)) {
-    if CONSUMER.swap(true, Acquire) {
-        return;
-    }
-    let mut pos = TAIL.load(Relaxed);
-    while let Some(rec) = RING.get((pos % RING_LEN) as usize) {
-        let turn = pos / RING_LEN;
-        if rec.seq.load(Acquire) != 2 * turn + 1 {
-            break;
-        }
-        let (k, fd, a, b) = (rec.kind.load(Relaxed), rec.fd.load(Relaxed), rec.a.load(Relaxed), rec.b.load(Relaxed));
-        rec.seq.store(2 * (turn + 1), Release);
-        pos += 1;
-        if let Some(k) = Deferred::from_u32(k) {
-            f(k, fd, a, b);
-        }
-    }
-    TAIL.store(pos, Relaxed);
-    let dropped = RING_DROPPED.swap(0, Relaxed);
-    CONSUMER.store(false, Release);
-    if dropped > 0 {
-        emit(Level::Warning, format_args!("events_dropped count={dropped} reason=ring_full"));
-    }
-}
+pub use crate::event::Level;
+use crate::event::{Event, SUPPRESSED_EVERY_MS};
 
 // ---------------------------------------------------------------------------------------------
 // Lines.
@@ -200,27 +73,6 @@ impl fmt::Write for Line {
     }
 }
 
-/// Formats a value that came from outside (an environment variable, a path) as a quoted string
-/// with control characters, quotes and non-ASCII escaped, so a line stays one line of text.
-pub struct Quoted<'a>(pub &'a [u8]);
-
-impl fmt::Display for Quoted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_char('"')?;
-        for &b in self.0.iter().take(200) {
-            match b {
-                b'"' | b'\\' => write!(f, "\\{}", b as char)?,
-                0x20..=0x7e => f.write_char(b as char)?,
-                _ => write!(f, "\\x{b:02x}")?,
-            }
-        }
-        if self.0.len() > 200 {
-            f.write_str("...")?;
-        }
-        f.write_char('"')
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Destinations.
 
@@ -254,6 +106,8 @@ struct SinkState {
     refill_ms: u64,
     suppressed: u64,
     suppressed_since_ms: u64,
+    /// When the last `suppressed` line was written (0: never).
+    suppressed_written_ms: u64,
     dropped: u64,
 }
 
@@ -273,6 +127,7 @@ static mut SINK: SinkState = SinkState {
     refill_ms: 0,
     suppressed: 0,
     suppressed_since_ms: 0,
+    suppressed_written_ms: 0,
     dropped: 0,
 };
 /// The pid in every line; updated in a forked child.
@@ -320,16 +175,10 @@ pub fn after_fork_child() {
         sink.tokens_milli = BURST * 1000;
         sink.suppressed = 0;
         sink.suppressed_since_ms = 0;
+        sink.suppressed_written_ms = 0;
         sink.refill_ms = 0;
     }
-    CONSUMER.store(false, Release);
-    // Events the parent recorded are the parent's to log; a half-written record would stall
-    // the ring, so start it afresh.
-    for r in RING.iter() {
-        r.seq.store(0, Relaxed);
-    }
-    HEAD.store(0, Relaxed);
-    TAIL.store(0, Relaxed);
+    crate::hooksafe::ring::after_fork_child();
 }
 
 fn parse_journal_stream(v: &[u8]) -> Option<(u64, u64)> {
@@ -338,7 +187,13 @@ fn parse_journal_stream(v: &[u8]) -> Option<(u64, u64)> {
     Some((dev.parse().ok()?, ino.parse().ok()?))
 }
 
-/// Writes one event line, if the rate limit allows. Never blocks, never allocates.
+/// Writes one event's line, if the rate limit allows. Never blocks, never allocates.
+pub fn event(e: &Event<'_>) {
+    emit(e.level(), format_args!("{e}"));
+}
+
+/// Writes one line, if the rate limit allows. Never blocks, never allocates. Every line but the
+/// constructor's config diagnostics comes through [`event`].
 pub fn emit(level: Level, args: fmt::Arguments<'_>) {
     if SINK_BUSY.swap(true, Acquire) {
         // Another of keepfix's threads is writing (the destructor racing the watchdog): rather
@@ -349,35 +204,41 @@ pub fn emit(level: Level, args: fmt::Arguments<'_>) {
     let (sink, dest) = unsafe { (&mut *core::ptr::addr_of_mut!(SINK), &*core::ptr::addr_of!(DEST)) };
     let now = sys::now_ms();
     refill(sink, now);
-    if sink.tokens_milli < 1000 {
+    write_suppressed(sink, dest, now, false);
+    if sink.tokens_milli >= 1000 && sink.suppressed == 0 {
+        sink.tokens_milli -= 1000;
+        write_line(sink, dest, level, args);
+    } else {
+        // Over the rate, or lines are being held back already (a `suppressed` line is due):
+        // one more for it to count, so that the log never shows a gap it does not explain.
         if sink.suppressed == 0 {
             sink.suppressed_since_ms = now;
         }
         sink.suppressed += 1;
-    } else {
-        if sink.suppressed > 0 {
-            sink.tokens_milli -= 1000;
-            let (n, secs) = (sink.suppressed, now.saturating_sub(sink.suppressed_since_ms) / 1000);
-            sink.suppressed = 0;
-            write_line(
-                sink,
-                dest,
-                Level::Warning,
-                format_args!("suppressed lines={n} seconds={secs} reason=rate_limit"),
-            );
-        }
-        if sink.tokens_milli >= 1000 {
-            sink.tokens_milli -= 1000;
-            write_line(sink, dest, level, args);
-        } else {
-            sink.suppressed += 1;
-        }
     }
     SINK_BUSY.store(false, Release);
 }
 
-/// Writes out a pending `suppressed` summary once the rate allows; the watchdog calls it each tick.
-pub fn flush_suppressed() {
+/// Writes the `suppressed` line for the lines held back, at most once per
+/// SUPPRESSED_EVERY_MS (`force`: at exit, whatever the time), and when the rate allows.
+fn write_suppressed(sink: &mut SinkState, dest: &Dest, now: u64, force: bool) {
+    if sink.suppressed == 0 || sink.tokens_milli < 1000 {
+        return;
+    }
+    let due = sink.suppressed_written_ms == 0 || now.saturating_sub(sink.suppressed_written_ms) >= SUPPRESSED_EVERY_MS;
+    if !due && !force {
+        return;
+    }
+    sink.tokens_milli -= 1000;
+    let e = Event::Suppressed { lines: sink.suppressed, seconds: now.saturating_sub(sink.suppressed_since_ms) / 1000 };
+    sink.suppressed = 0;
+    sink.suppressed_written_ms = now.max(1);
+    write_line(sink, dest, e.level(), format_args!("{e}"));
+}
+
+/// Writes out a pending `suppressed` line when it is due; the watchdog calls it each tick, and
+/// the destructor with `at_exit` (then whenever the rate allows).
+pub fn flush_suppressed(at_exit: bool) {
     if SINK_BUSY.swap(true, Acquire) {
         return;
     }
@@ -385,12 +246,7 @@ pub fn flush_suppressed() {
     let (sink, dest) = unsafe { (&mut *core::ptr::addr_of_mut!(SINK), &*core::ptr::addr_of!(DEST)) };
     let now = sys::now_ms();
     refill(sink, now);
-    if sink.suppressed > 0 && sink.tokens_milli >= 1000 {
-        sink.tokens_milli -= 1000;
-        let (n, secs) = (sink.suppressed, now.saturating_sub(sink.suppressed_since_ms) / 1000);
-        sink.suppressed = 0;
-        write_line(sink, dest, Level::Warning, format_args!("suppressed lines={n} seconds={secs} reason=rate_limit"));
-    }
+    write_suppressed(sink, dest, now, at_exit);
     SINK_BUSY.store(false, Release);
 }
 
@@ -494,7 +350,7 @@ fn write_stderr(dest: &Dest, bytes: &[u8]) -> bool {
         let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
         return rustix::net::send(fd, bytes, flags).is_ok_and(|n| n == bytes.len());
     }
-    if fmt == libc::S_IFIFO && !crate::watchdog::on_watchdog_thread() {
+    if fmt == libc::S_IFIFO && !crate::hooksafe::settings::on_watchdog_thread() {
         // A pipe whose reader is gone would raise SIGPIPE in this (the program's) thread.
         let mut pfd = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::OUT)];
         let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
@@ -521,18 +377,18 @@ fn write_nowait(fd: rustix::fd::BorrowedFd<'_>, bytes: &[u8]) -> bool {
 
 fn write_syslog(sink: &mut SinkState, bytes: &[u8]) -> bool {
     for _attempt in 0..2 {
-        if sink.fd < 0 || !crate::ownfd::is_own(sink.fd) {
+        if sink.fd < 0 || !crate::hooksafe::ownfd::is_own(sink.fd) {
             sink.fd = connect_syslog().unwrap_or(-1);
         }
         let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
         // Through ownfd::with: the program may have closed that number and opened its own there.
-        match crate::ownfd::with(sink.fd, |fd| rustix::net::send(fd, bytes, flags))
+        match crate::hooksafe::ownfd::with(sink.fd, |fd| rustix::net::send(fd, bytes, flags))
             .unwrap_or(Err(rustix::io::Errno::NOTCONN))
         {
             Ok(_) => return true,
             // syslogd restarted: connect again once.
             Err(rustix::io::Errno::CONNREFUSED) | Err(rustix::io::Errno::NOTCONN) => {
-                crate::ownfd::close(sink.fd);
+                crate::hooksafe::ownfd::close(sink.fd);
                 sink.fd = -1;
             }
             Err(_) => return false,
@@ -547,20 +403,20 @@ fn connect_syslog() -> Option<RawFd> {
     let s = sys::own(s);
     let addr = SocketAddrUnix::new("/dev/log").ok()?;
     rustix::net::connect(s.as_fd(), &addr).ok()?;
-    crate::ownfd::install(s)
+    crate::hooksafe::ownfd::install(s)
 }
 
 fn write_file(sink: &mut SinkState, dest: &Dest, bytes: &[u8]) -> bool {
     let now = sys::now_ms();
     let path = dest.path.get(..dest.path_len).unwrap_or(&[]);
     // Reopen when logrotate moved the file away, or when our fd is no longer what we opened.
-    if sink.fd >= 0 && (now.saturating_sub(sink.file_checked_ms) > 10_000 || !crate::ownfd::is_own(sink.fd)) {
+    if sink.fd >= 0 && (now.saturating_sub(sink.file_checked_ms) > 10_000 || !crate::hooksafe::ownfd::is_own(sink.fd)) {
         sink.file_checked_ms = now;
         let ours = sys::borrow(sink.fd).and_then(|fd| rustix::fs::fstat(fd).ok()).map(|st| (st.st_dev, st.st_ino));
         let at_path = rustix::fs::stat(path).ok().map(|st| (st.st_dev, st.st_ino));
-        if ours != Some(sink.file_id) || at_path != Some(sink.file_id) || !crate::ownfd::is_own(sink.fd) {
-            if crate::ownfd::is_own(sink.fd) {
-                crate::ownfd::close(sink.fd);
+        if ours != Some(sink.file_id) || at_path != Some(sink.file_id) || !crate::hooksafe::ownfd::is_own(sink.fd) {
+            if crate::hooksafe::ownfd::is_own(sink.fd) {
+                crate::hooksafe::ownfd::close(sink.fd);
             }
             sink.fd = -1;
         }
@@ -573,9 +429,9 @@ fn write_file(sink: &mut SinkState, dest: &Dest, bytes: &[u8]) -> bool {
         let Ok(st) = rustix::fs::fstat(f.as_fd()) else { return false };
         sink.file_id = (st.st_dev, st.st_ino);
         sink.file_checked_ms = now;
-        sink.fd = crate::ownfd::install(f).unwrap_or(-1);
+        sink.fd = crate::hooksafe::ownfd::install(f).unwrap_or(-1);
     }
-    crate::ownfd::with(sink.fd, |fd| write_nowait(fd, bytes)).unwrap_or(false)
+    crate::hooksafe::ownfd::with(sink.fd, |fd| write_nowait(fd, bytes)).unwrap_or(false)
 }
 
 /// An RFC 3339 UTC timestamp, computed without libc (no locale, no locks).
@@ -620,32 +476,5 @@ mod tests {
         assert_eq!(b.len(), 1024);
         assert!(b.ends_with(b"...\n"));
         assert_eq!(b.iter().filter(|&&c| c == b'\n').count(), 1);
-    }
-
-    #[test]
-    fn quoted_escapes_control_bytes() {
-        assert_eq!(format!("{}", Quoted(b"a\nb\"c\x1b")), "\"a\\x0ab\\\"c\\x1b\"");
-    }
-
-    #[test]
-    fn ring_keeps_order_and_counts_overflow() {
-        for i in 0..(RING_LEN as i64 + 10) {
-            defer(Deferred::Emfile, 7, i, 0);
-        }
-        let mut seen = Vec::new();
-        // drain() would also emit an events_dropped line to stderr; that is fine in a test. The
-        // ring is the process's: a test of the fd table in another thread may defer its own
-        // event meanwhile (a hook that waited), so only this test's records are compared.
-        drain(|k, fd, a, _| {
-            if (k, fd) == (Deferred::Emfile, 7) {
-                seen.push(a);
-            }
-        });
-        assert!(seen.len() >= RING_LEN as usize - 8, "{} records kept", seen.len());
-        assert_eq!(seen, (0..seen.len() as i64).collect::<Vec<_>>());
-        defer(Deferred::SelectTooBig, 1, 2, 3);
-        let mut again = Vec::new();
-        drain(|k, fd, a, b| again.push((k, fd, a, b)));
-        assert!(again.contains(&(Deferred::SelectTooBig, 1, 2, 3)), "{again:?}");
     }
 }

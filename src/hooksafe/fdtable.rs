@@ -341,7 +341,7 @@ fn wait_settled(slot: &Slot) -> Meta {
 #[cold]
 fn wait_settled_slow(slot: &Slot) -> Meta {
     // A _Fork() child's copy of a release the parent was doing never ends: repair it first.
-    crate::runtime::check_forked();
+    crate::hooksafe::settings::check_forked();
     let start = crate::sys::now_us();
     let mut spins = 0u32;
     loop {
@@ -360,7 +360,7 @@ fn wait_settled_slow(slot: &Slot) -> Meta {
                 }
                 static SAID: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
                 if !SAID.swap(true, Relaxed) {
-                    crate::log::defer(crate::log::Deferred::StuckRelease, -1, 0, 0);
+                    crate::hooksafe::ring::defer(crate::hooksafe::ring::Deferred::StuckRelease, -1, 0, 0);
                 }
                 return m;
             }

@@ -1,14 +1,16 @@
-//! The watchdog: keepfix's one background thread. It writes what hooks deferred, watches for
-//! CLOSE_WAIT, keeps count of fds against RLIMIT_NOFILE, and writes metrics.
+//! The watchdog's control: starting keepfix's one background thread, stepping it aside, ending
+//! it, and its main loop (which writes what hooks deferred, watches for CLOSE_WAIT, keeps count of
+//! fds against RLIMIT_NOFILE, and writes metrics through the modules below this one).
 //!
 //! It starts lazily, only in a process that has TCP connections, and never in the constructor
 //! (other libraries' constructors may not have run yet): at the first listen(), accept() or
 //! connect(); just before main() when sockets were inherited at exec (the `__libc_start_main`
-//! hook in runtime.rs); and in a forked child, in fork()'s child handler, if the parent's was
-//! running. pthread_create() is not async-signal-safe, so calls a signal handler typically makes
-//! (close, dup, dup2) never start it: one that interrupted malloc() would re-enter it. A child
-//! made by _Fork() (no fork handlers) starts its watchdog at its own next listen/accept/connect.
-//! It blocks every signal the C library lets it block, so
+//! hook in lifecycle); and in a forked child (LAZY) only once the child outlives a scan tick or
+//! goes back to accept() holding its last connection (see [`child_due`]). pthread_create() is not
+//! async-signal-safe, so calls a signal handler typically makes (close, dup, dup2) never start it:
+//! one that interrupted malloc() would re-enter it. A child made by _Fork() (no fork handlers) is
+//! LAZY too, from the first hook that notices it. It blocks every signal the C library lets it
+//! block, so
 //! the program's handlers never run on it, and a SIGPIPE from a log write stays pending here. It
 //! holds nothing a hook waits on, except the few syscalls of a release (see fdtable).
 //!
@@ -27,8 +29,13 @@
 //! leader's: a change made by raw system calls that it did not follow ends it, and the next
 //! listen/accept/connect starts a new one, with the caller's credentials.
 
-use crate::runtime::{self, Runtime};
-use crate::{closewait, keepalive, log, nofile, ownfd, sys};
+use crate::event::{Event, Stopped};
+use crate::hooksafe::settings::{self, Runtime, WATCHDOG_TID as TID, on_watchdog_thread};
+use crate::hooksafe::{emfile, log, ownfd, wake};
+use crate::sys;
+use crate::watchdog::report::report_deferred;
+use crate::watchdog::stats::{CPU_NS, TICK_LAST_NS, TICK_MAX_NS, TICKS, clock_ns};
+use crate::watchdog::{detector, metrics, monitor};
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering::*};
 
 const IDLE: u8 = 0;
@@ -40,6 +47,9 @@ const STOPPED: u8 = 3;
 /// It ended for a call that needed a process without it ([`pause`]), or because its credentials
 /// are not the program's any more: it may be started again.
 const PAUSED: u8 = 4;
+/// A forked child whose parent's watchdog was running: it gets one of its own only when it
+/// outlives a scan tick and still uses TCP (see [`child_due`]); until then it costs nothing.
+const LAZY: u8 = 5;
 
 /// Why the thread is asked to end (STOP). The larger wins when two ask at once: the permanent
 /// reasons over a pause.
@@ -72,22 +82,6 @@ impl Why {
 }
 
 static STATE: AtomicU8 = AtomicU8::new(IDLE);
-/// The last and the longest periodic tick, in nanoseconds, and the thread's CPU time: metrics.
-static TICK_LAST_NS: AtomicU64 = AtomicU64::new(0);
-static TICK_MAX_NS: AtomicU64 = AtomicU64::new(0);
-static TICKS: AtomicU64 = AtomicU64::new(0);
-static CPU_NS: AtomicU64 = AtomicU64::new(0);
-
-/// (ticks, last tick ns, longest tick ns, watchdog CPU ns) since the watchdog started.
-pub fn tick_stats() -> (u64, u64, u64, u64) {
-    (TICKS.load(Relaxed), TICK_LAST_NS.load(Relaxed), TICK_MAX_NS.load(Relaxed), CPU_NS.load(Relaxed))
-}
-
-fn clock_ns(id: rustix::time::ClockId) -> u64 {
-    let t = sys::clock_gettime(id);
-    (t.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(t.tv_nsec as u64)
-}
-static TID: AtomicI32 = AtomicI32::new(0);
 /// Sockets were adopted at load, or the parent's watchdog was running at fork: start it at the
 /// next safe point (before main, or in fork()'s child handler).
 static WANTED: AtomicBool = AtomicBool::new(false);
@@ -111,6 +105,20 @@ static CRED_LOGGED: AtomicBool = AtomicBool::new(false);
 static CHILD_MAY_START: AtomicBool = AtomicBool::new(true);
 /// A `watchdog_unavailable` line was logged for forked children already.
 static CHILDREN_LOGGED: AtomicBool = AtomicBool::new(false);
+/// When prepare_fork last read the task limit (ms): it reads it at most once a second, so that a
+/// fork-per-connection server pays no system call per fork.
+static CHILD_CHECKED_MS: AtomicU64 = AtomicU64::new(0);
+/// In a LAZY child: the time (ms) from which a hook may start its watchdog.
+static LAZY_DUE_MS: AtomicU64 = AtomicU64::new(0);
+/// This process is a forked child (its tree's `start` line is its ancestor's).
+static IS_CHILD: AtomicBool = AtomicBool::new(false);
+/// A watchdog thread ran in this process (it may have written a metrics file).
+static RAN_HERE: AtomicBool = AtomicBool::new(false);
+
+/// A watchdog thread has run in this process.
+pub fn ran_here() -> bool {
+    RAN_HERE.load(Relaxed)
+}
 
 pub fn want_start() {
     WANTED.store(true, Relaxed);
@@ -132,15 +140,82 @@ pub fn start_if_wanted(rt: &'static Runtime) {
 /// Starts the watchdog if it is not running. One relaxed load when it is.
 #[inline]
 pub fn ensure_started(rt: &'static Runtime) {
-    runtime::check_forked();
-    if STATE.load(Relaxed) == IDLE {
-        start(rt);
+    settings::check_forked();
+    match STATE.load(Relaxed) {
+        IDLE => start(rt),
+        LAZY => child_due(rt),
+        _ => {}
+    }
+}
+
+/// In a forked child that has no watchdog yet (LAZY): starts one once the child has lived a scan
+/// tick. Called by listen/accept/connect, and by the read family on a TCP socket keepfix tracks
+/// (never by close or dup, which signal handlers call). One relaxed load anywhere else; here a
+/// vDSO clock read, no system call, until it is due.
+#[inline]
+pub fn child_due(rt: &'static Runtime) {
+    if STATE.load(Relaxed) == LAZY && sys::now_ms() >= LAZY_DUE_MS.load(Relaxed) {
+        start_child(rt);
+    }
+}
+
+/// Is this process a forked child without a watchdog yet? One relaxed load.
+#[inline]
+pub fn is_lazy() -> bool {
+    STATE.load(Relaxed) == LAZY
+}
+
+/// The last connection a LAZY child accepted or connected: (fd << 32) | generation, or 0.
+static CHILD_CONN: AtomicU64 = AtomicU64::new(0);
+
+/// A LAZY child accepted or connected `fd` (slot generation `generation`).
+#[inline]
+pub fn child_connection(fd: i32, generation: u32) {
+    if is_lazy() {
+        CHILD_CONN.store((u64::from(fd as u32) << 32) | u64::from(generation), Relaxed);
+    }
+}
+
+/// A LAZY child is about to block in accept(): if it still holds the last connection it accepted
+/// (a prefork worker that left it open), it needs a watchdog now, whatever its age: nothing else
+/// may run in it for hours. Two loads when it closed it.
+#[inline]
+pub fn child_accepting(rt: &'static Runtime) {
+    if !is_lazy() {
+        return;
+    }
+    let c = CHILD_CONN.load(Relaxed);
+    if c == 0 {
+        return child_due(rt);
+    }
+    let (fd, generation) = ((c >> 32) as i32, c as u32);
+    if crate::hooksafe::fdtable::slot(fd).is_some_and(|s| {
+        let m = s.load();
+        m.is_tracked() && m.generation() == generation
+    }) {
+        start_child(rt);
+    } else {
+        child_due(rt);
     }
 }
 
 #[cold]
+fn start_child(rt: &'static Runtime) {
+    if STATE.compare_exchange(LAZY, IDLE, SeqCst, Relaxed).is_err() {
+        return;
+    }
+    let _errno = sys::ErrnoGuard::save();
+    // The task limit, as prepare_fork would have checked it: only the parent can give a task back.
+    if !tasks_far_away() {
+        STATE.store(STOPPED, Relaxed);
+        return;
+    }
+    start(rt);
+}
+
+#[cold]
 fn start(rt: &'static Runtime) {
-    if runtime::sandboxed() || PAUSERS.load(SeqCst) != 0 {
+    if settings::sandboxed() || PAUSERS.load(SeqCst) != 0 {
         return;
     }
     let _errno = sys::ErrnoGuard::save();
@@ -164,8 +239,8 @@ fn start(rt: &'static Runtime) {
     // an open() takes the lowest free number for an instant, which must not race the program's
     // own allocation (a daemon's close(0); open("/dev/null") relies on getting 0).
     ownfd::prepare();
-    closewait::prepare(rt);
-    nofile::open_reserve();
+    wake::prepare(rt);
+    emfile::open_reserve();
     // SAFETY: plain pthread calls on local storage. The new thread inherits the full signal mask;
     // glibc's pthread_sigmask keeps its own internal signals (cancellation, setxid) unblocked.
     let ok = unsafe {
@@ -187,13 +262,7 @@ fn start(rt: &'static Runtime) {
         STATE.store(FAILED, Relaxed);
         // No thread of ours exists to write it: this is the program's thread, at a safe point
         // (listen, accept, connect, before main, fork's child handler); emit never blocks.
-        log::emit(
-            log::Level::Warning,
-            format_args!(
-                "watchdog_unavailable reason={} note=\"keepfix could not start its thread (a task limit?); keepalive goes on, CLOSE_WAIT, fd warnings and metrics do not\"",
-                errno_name(ok)
-            ),
-        );
+        log::event(&Event::WatchdogUnavailable { errno: ok });
     }
 }
 
@@ -222,7 +291,7 @@ fn stop_thread(code: u8) -> bool {
             RUNNING => {
                 saw_running = true;
                 STOP.fetch_max(code, AcqRel);
-                closewait::poke();
+                wake::poke();
             }
             PAUSED | STOPPED | IDLE if saw_running => {
                 let tid = LAST_TID.load(Acquire);
@@ -273,7 +342,7 @@ impl Paused {
     pub fn resume(self, took_effect: bool) {
         let _errno = sys::ErrnoGuard::save();
         if self.why == Why::Seccomp && took_effect {
-            runtime::set_sandboxed();
+            settings::set_sandboxed();
         }
         let restart = self.stopped || RESTART_PENDING.swap(false, Relaxed);
         if PAUSERS.fetch_sub(1, SeqCst) != 1 {
@@ -282,7 +351,7 @@ impl Paused {
             }
             return;
         }
-        if runtime::sandboxed() {
+        if settings::sandboxed() {
             return;
         }
         let _ = STOP.compare_exchange(STOP_PAUSE, STOP_NONE, AcqRel, Relaxed);
@@ -311,12 +380,7 @@ fn log_sandboxed() {
     if LOGGED.swap(true, Relaxed) {
         return;
     }
-    log::emit(
-        log::Level::Notice,
-        format_args!(
-            "sandboxed note=\"the program installs a seccomp filter: keepfix's thread ends and keepfix makes no system call of its own from now on (no keepalive on new sockets, no CLOSE_WAIT handling, fd warnings or metrics)\""
-        ),
-    );
+    log::event(&Event::Sandboxed);
 }
 
 /// Called by fork()'s prepare handler: decides whether the child may start a watchdog of its own.
@@ -325,23 +389,39 @@ fn log_sandboxed() {
 /// one only if RLIMIT_NPROC is unlimited, the real user is root (who is not held to it), or the
 /// soft limit is more than twice the number of tasks on the whole system (an upper bound of this
 /// user's count) plus 64.
+/// The answer is read at most once a second (a vDSO clock read otherwise): a fork-per-connection
+/// server pays no system call per fork.
 pub fn prepare_fork() {
     if STATE.load(Relaxed) != RUNNING {
         return;
     }
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nproc).current;
-    let ok = match limit {
+    let now = sys::now_ms();
+    if now < CHILD_CHECKED_MS.load(Relaxed) + 1000 && CHILD_CHECKED_MS.load(Relaxed) != 0 {
+        return;
+    }
+    CHILD_CHECKED_MS.store(now, Relaxed);
+    CHILD_MAY_START.store(tasks_far_away(), Relaxed);
+}
+
+/// RLIMIT_NPROC is unlimited, the real user is root, or the soft limit is more than twice the
+/// number of tasks on the whole system plus 64.
+fn tasks_far_away() -> bool {
+    match rustix::process::getrlimit(rustix::process::Resource::Nproc).current {
         None => true,
         Some(l) => rustix::process::getuid().is_root() || l > 2 * sys::system_tasks() + 64,
-    };
-    CHILD_MAY_START.store(ok, Relaxed);
+    }
 }
 
 /// After a successful fork(), in the parent: says once that children run without a watchdog.
 pub fn after_fork_parent() {
     if !CHILD_MAY_START.load(Relaxed) && STATE.load(Relaxed) == RUNNING && !CHILDREN_LOGGED.swap(true, Relaxed) {
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nproc).current.unwrap_or(0);
-        log::defer(log::Deferred::ChildrenWithoutWatchdog, -1, limit as i64, sys::system_tasks() as i64);
+        crate::hooksafe::ring::defer(
+            crate::hooksafe::ring::Deferred::ChildrenWithoutWatchdog,
+            -1,
+            limit as i64,
+            sys::system_tasks() as i64,
+        );
     }
 }
 
@@ -354,14 +434,10 @@ pub fn out_of_memory() {
         return;
     }
     STATE.store(STOPPED, Relaxed);
-    log::emit(
-        log::Level::Err,
-        format_args!(
-            "watchdog_stopped reason=no_memory heap_mapped={} heap_limit={} note=\"keepfix's own heap is full or the address space is; keepalive goes on\"",
-            crate::alloc::mapped(),
-            crate::alloc::LIMIT
-        ),
-    );
+    log::event(&Event::WatchdogStopped(Stopped::NoMemory {
+        heap_mapped: crate::alloc::mapped(),
+        heap_limit: crate::alloc::LIMIT,
+    }));
     loop {
         let _ = rustix::thread::nanosleep(&rustix::thread::Timespec { tv_sec: 3600, tv_nsec: 0 });
     }
@@ -390,58 +466,49 @@ pub fn after_fork_child() {
     if STOP.load(Relaxed) != STOP_FORK {
         STOP.store(STOP_NONE, Relaxed);
     }
+    IS_CHILD.store(true, Relaxed);
+    RAN_HERE.store(false, Relaxed);
+    CHILD_CONN.store(0, Relaxed);
     let st = STATE.load(Relaxed);
-    if st == RUNNING || (st == PAUSED && !runtime::sandboxed()) || (st == IDLE && pending) {
+    if st == RUNNING || (st == PAUSED && !settings::sandboxed()) || (st == IDLE && pending) || st == LAZY {
         if CHILD_MAY_START.load(Relaxed) {
-            STATE.store(IDLE, Relaxed);
-            WANTED.store(true, Relaxed);
+            let tick = settings::get().map_or(1000, |rt| rt.cfg.scan_interval_ms.max(1));
+            LAZY_DUE_MS.store(sys::now_ms() + tick, Relaxed);
+            STATE.store(LAZY, Relaxed);
         } else {
             STATE.store(STOPPED, Relaxed);
         }
     }
     // Releases the parent had under way first: the rest may touch those slots.
-    crate::fdtable::after_fork_child();
-    let keep = [nofile::reserve_fd(), log::own_fd()];
-    ownfd::after_fork_child(&keep);
-    closewait::after_fork_child();
+    crate::hooksafe::fdtable::after_fork_child();
+    // The copies of the parent's own fds are closed now, while this child has one thread: the
+    // copy of the fd table may name fds the child does not have (opened after it), and a number
+    // the program takes later must never be closed as keepfix's. A few system calls; the thread
+    // itself waits until the child has work (LAZY).
+    settle_inherited_fds();
 }
 
-pub fn on_watchdog_thread() -> bool {
-    let t = TID.load(Relaxed);
-    t != 0 && t == rustix::thread::gettid().as_raw_nonzero().get()
+/// Closes what a forked child copied of the parent's own fds (keeping the reserve and the log's
+/// fd), before a watchdog of its own makes new ones.
+fn settle_inherited_fds() {
+    let keep = [emfile::reserve_fd(), log::own_fd()];
+    ownfd::after_fork_child(&keep);
+    wake::after_fork_child();
 }
 
 fn run(rt: &'static Runtime) {
     let cfg = &rt.cfg;
+    RAN_HERE.store(true, Relaxed);
     let why = RESTART_WHY.swap(0, Relaxed);
     if why != 0 {
-        log::emit(
-            log::Level::Info,
-            format_args!(
-                "watchdog_restarted reason={} note=\"keepfix's thread stepped aside for the program's call and is back\"",
-                Why::name(why)
-            ),
-        );
-    } else {
-        log::emit(
-            log::Level::Info,
-            format_args!(
-                "start idle={}s intvl={}s cnt={} user_timeout={} close_wait={} close_wait_after={} scan_interval={} nofile_warn={} detection={}s",
-                cfg.idle_s,
-                cfg.intvl_s,
-                cfg.cnt,
-                cfg.show("KEEPFIX_USER_TIMEOUT"),
-                cfg.close_wait.name(),
-                cfg.show("KEEPFIX_CLOSE_WAIT_AFTER"),
-                cfg.show("KEEPFIX_SCAN_INTERVAL"),
-                cfg.show("KEEPFIX_NOFILE_WARN"),
-                cfg.detection_s()
-            ),
-        );
+        log::event(&Event::WatchdogRestarted { reason: Why::name(why) });
+    } else if !IS_CHILD.load(Relaxed) {
+        // A forked child logs only what it does: its tree's `start` line is its ancestor's.
+        log::event(&Event::Start(cfg));
     }
-    let mut detector = closewait::Detector::new(rt);
-    let mut monitor = nofile::Monitor::new();
-    let mut metrics = crate::metrics::Writer::new(rt);
+    let mut detector = detector::Detector::new(rt);
+    let mut monitor = monitor::Monitor::new();
+    let mut metrics = metrics::Writer::new(rt);
     let interval = cfg.scan_interval_ms.max(1);
     let mut next = sys::now_ms();
     let mut poked = false;
@@ -451,12 +518,7 @@ fn run(rt: &'static Runtime) {
         if stop != STOP_NONE {
             report_deferred(&monitor);
             match stop {
-                STOP_FORK => log::emit(
-                    log::Level::Warning,
-                    format_args!(
-                        "watchdog_stopped reason=fork_eagain note=\"the program's fork() hit its task limit: keepfix's thread gives its task back and the fork is retried; keepalive goes on, CLOSE_WAIT, fd warnings and metrics do not\""
-                    ),
-                ),
+                STOP_FORK => log::event(&Event::WatchdogStopped(Stopped::ForkEagain)),
                 STOP_SANDBOX => log_sandboxed(),
                 _ => {}
             }
@@ -471,12 +533,7 @@ fn run(rt: &'static Runtime) {
         } {
             report_deferred(&monitor);
             if !CRED_LOGGED.swap(true, Relaxed) {
-                log::emit(
-                    log::Level::Notice,
-                    format_args!(
-                        "watchdog_stopped reason=credentials_changed note=\"the program's uid or gid changed without keepfix's thread (a raw system call): the thread ends and starts again, with the program's credentials, at the next listen, accept or connect (logged once)\""
-                    ),
-                );
+                log::event(&Event::WatchdogStopped(Stopped::CredentialsChanged));
             }
             CRED_CHECK.store(true, Relaxed);
             RESTART_WHY.store(Why::CredentialsChanged as u8, Relaxed);
@@ -490,14 +547,14 @@ fn run(rt: &'static Runtime) {
             detector.repair();
             detector.tick(now);
             monitor.tick(rt, now, interval);
-            nofile::open_reserve();
+            emfile::open_reserve();
             let took = clock_ns(rustix::time::ClockId::Monotonic).saturating_sub(t0);
             TICKS.fetch_add(1, Relaxed);
             TICK_LAST_NS.store(took, Relaxed);
             TICK_MAX_NS.fetch_max(took, Relaxed);
             CPU_NS.store(clock_ns(rustix::time::ClockId::ThreadCPUTime), Relaxed);
             metrics.write(&detector, &monitor, now);
-            log::flush_suppressed();
+            log::flush_suppressed(false);
             next = now + interval;
         }
         poked = detector.wait(next.saturating_sub(sys::now_ms()).max(1));
@@ -517,114 +574,11 @@ fn credentials_differ() -> bool {
     ownfd::leader_ids().is_some_and(|l| l != sys::thread_ids())
 }
 
-/// Writes the lines hooks deferred. Also called by the destructor at exit, so that a short-lived
-/// program's events are not lost.
-pub fn report_deferred(monitor: &nofile::Monitor) {
-    use log::{Deferred, Level, emit};
-    // A census reads every fd: at most one per batch, however many EMFILE events came.
-    let mut census: Option<nofile::Census> = None;
-    log::drain(|kind, fd, a, b| match kind {
-        Deferred::AppKeepaliveOff => {
-            let opt = keepalive::Opt::from_index(a);
-            let what = if opt == keepalive::Opt::KeepAlive { "kept_on" } else { "restored" };
-            let action = if b != 0 { what } else { "restore_failed" };
-            emit(
-                Level::Notice,
-                format_args!(
-                    "app_override fd={fd} option={} action={action} note=\"the program changed a keepalive option; KEEPFIX_RESPECT_APP=1 lets it (logged once per option)\"",
-                    opt.name()
-                ),
-            );
-        }
-        Deferred::KeepaliveFailed => emit(
-            Level::Warning,
-            format_args!(
-                "keepalive_failed fd={fd} option={} errno={}",
-                keepalive::Opt::from_index(a).name(),
-                errno_name(b as i32)
-            ),
-        ),
-        Deferred::StuckRelease => emit(
-            Level::Warning,
-            format_args!(
-                "watchdog_stalled waited_us={} note=\"a hook found keepfix's thread inside a release or a use of its own fd for longer than this; the program's call went on without it (a close was handed over, a dup2 got EBUSY); logged once\"",
-                crate::fdtable::WAIT_US
-            ),
-        ),
-        Deferred::SelectTooBig => emit(
-            Level::Err,
-            format_args!(
-                "select_nfds_too_big nfds={a} fd_setsize={} note=\"select() on fd >= 1024 reads and writes past fd_set: a memory-corrupting bug in the program\"",
-                libc::FD_SETSIZE
-            ),
-        ),
-        Deferred::Emfile => {
-            let action = match a {
-                nofile::EMFILE_FREED => "freed_and_accepted",
-                nofile::EMFILE_SHARED_LISTENER => "none_shared_listener",
-                nofile::EMFILE_REJECTED_CONNECTION => "rejected_pending_connection",
-                nofile::EMFILE_NO_RESERVE => "none_no_reserve_fd",
-                _ => "none_no_pending_connection",
-            };
-            let (soft, _) = nofile::limits();
-            let c = census.get_or_insert_with(nofile::Census::take);
-            let what = if a == nofile::EMFILE_FREED {
-                format!("freed={b}")
-            } else {
-                format!("errno={}", errno_name(b as i32))
-            };
-            emit(
-                Level::Warning,
-                format_args!(
-                    "emfile listener={fd} action={action} {what} used={} limit={soft} {}",
-                    c.used,
-                    c.breakdown()
-                ),
-            );
-        }
-        Deferred::ReleasedAtEmfile => emit(
-            Level::Notice,
-            format_args!(
-                "close_wait fd={fd} peer=- local=- age=0s state={} unread=0 action=vacated reason=emfile",
-                sys::tcp_state::name(a as u8)
-            ),
-        ),
-        Deferred::ChildrenWithoutWatchdog => emit(
-            Level::Notice,
-            format_args!(
-                "watchdog_unavailable in=forked_children reason=task_limit rlimit_nproc={a} system_tasks={b} note=\"children forked near the task limit run with hooks only, so that keepfix's threads never take a task the program needs\""
-            ),
-        ),
-        Deferred::RlimitChanged => {
-            emit(Level::Notice, format_args!("rlimit_nofile soft={a} hard={b} used={}", monitor.used()))
-        }
-    });
-}
-
-pub fn errno_name(e: i32) -> &'static str {
-    match e {
-        libc::EBADF => "EBADF",
-        libc::EINVAL => "EINVAL",
-        libc::ENOPROTOOPT => "ENOPROTOOPT",
-        libc::ENOTSOCK => "ENOTSOCK",
-        libc::EMFILE => "EMFILE",
-        libc::ENFILE => "ENFILE",
-        libc::EPERM => "EPERM",
-        libc::EACCES => "EACCES",
-        libc::ENOMEM => "ENOMEM",
-        libc::ENOBUFS => "ENOBUFS",
-        libc::EOPNOTSUPP => "EOPNOTSUPP",
-        libc::ENOTCONN => "ENOTCONN",
-        libc::ENOSYS => "ENOSYS",
-        libc::EAGAIN => "EAGAIN",
-        _ => "other",
-    }
-}
-
 /// At exit (the destructor): log what is still deferred.
 pub fn at_exit() {
     // Under the program's seccomp filter keepfix makes no system call, not even at exit.
-    if runtime::get().is_some() && !runtime::sandboxed() {
-        report_deferred(&nofile::Monitor::new());
+    if settings::get().is_some() && !settings::sandboxed() {
+        report_deferred(&monitor::Monitor::new());
+        log::flush_suppressed(true);
     }
 }

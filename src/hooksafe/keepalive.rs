@@ -1,37 +1,17 @@
-//! Keepalive: deciding which sockets are TCP, putting keepfix's options on them, and adopting
-//! the TCP sockets a process already holds when the library loads (inetd, systemd, exec).
+//! Keepalive: deciding which sockets are TCP, and putting keepfix's options on them (the stricter
+//! of the program's value and keepfix's wins). Adoption at load is lifecycle::adopt's.
 //!
 //! All calls here are rustix raw syscalls: they never re-enter our setsockopt hook and never
 //! touch errno, so a hook can call them between the real call and its return.
 
-use crate::fdtable::{self, Role, flag};
+use crate::hooksafe::fdtable::{self, flag};
 use crate::sys;
 use core::ffi::c_int;
 use rustix::fd::{BorrowedFd, RawFd};
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketType, sockopt};
 
-/// keepfix's keepalive settings, fixed at load time.
-#[derive(Clone, Copy, Debug)]
-pub struct Settings {
-    pub idle_s: u32,
-    pub intvl_s: u32,
-    pub cnt: u32,
-    pub user_timeout_ms: Option<u32>,
-    pub respect_app: bool,
-}
-
-impl Settings {
-    pub fn from_config(c: &crate::config::Config) -> Settings {
-        Settings {
-            idle_s: c.idle_s,
-            intvl_s: c.intvl_s,
-            cnt: c.cnt,
-            user_timeout_ms: c.user_timeout_ms(),
-            respect_app: c.respect_app,
-        }
-    }
-}
+pub use crate::hooksafe::settings::Keepalive as Settings;
 
 /// One keepalive option a program may set itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,177 +233,13 @@ pub fn configure(fd: RawFd, slot: &fdtable::Slot, s: &Settings) {
         Ok(()) => {
             slot.set_flags(flag::CONFIGURED, 0);
         }
-        Err((opt, e)) => {
-            crate::log::defer(crate::log::Deferred::KeepaliveFailed, fd, opt.index(), e.raw_os_error().into())
-        }
-    }
-}
-
-/// At load time: finds the TCP sockets the process already holds (inherited across exec from
-/// inetd, systemd or a parent) and adopts them: tracked, and given keepfix's options. A listener
-/// may have connections queued from before; their accepted sockets are checked one by one
-/// (flag CHECK_ACCEPTED). Reads /proc/self/fd, or probes the first fds if /proc is missing.
-pub fn adopt_inherited(s: &Settings) {
-    let listen_fds = systemd_listen_fds();
-    let mut adopt = |fd: RawFd| {
-        let Some(b) = sys::borrow(fd) else { return };
-        let Some(v6) = probe_tcp(b) else { return };
-        let listening = sockopt::socket_acceptconn(b).unwrap_or(false);
-        let info = sys::tcp_info(fd).ok();
-        let mut flags = 0;
-        // Under KEEPFIX_RESPECT_APP, keepalive someone already put on an inherited socket (a
-        // systemd socket unit's KeepAlive=, say) is theirs.
-        if s.respect_app && sockopt::socket_keepalive(b).unwrap_or(false) {
-            flags |= flag::APP_ANY;
-        } else {
-            // Never loosen what the socket already has (a systemd socket unit's KeepAlive=...).
-            flags |= stricter_already(fd, s);
-        }
-        let role = if listening {
-            flags |= flag::CHECK_ACCEPTED;
-            Role::InheritedListener
-        } else {
-            if info.is_some_and(|i| i.state != sys::tcp_state::CLOSE && i.state != sys::tcp_state::SYN_SENT) {
-                flags |= flag::CONNECTED;
-            }
-            Role::Inherited
-        };
-        let Some(slot) = fdtable::slot_alloc(fd) else { return };
-        slot.track(fd, role, v6, flags, sys::now_s());
-        let result = apply(fd, s, flags & flag::APP_ANY);
-        if result.is_ok() {
-            slot.set_flags(flag::CONFIGURED, 0);
-        }
-        // An inherited connection can leak (inetd-style): it wants the watchdog before main(). A
-        // listener alone does not: its first accept() or listen() starts it, and until then the
-        // process stays single-threaded (a helper exec'd with an open listener can still enter a
-        // user namespace).
-        if role == Role::Inherited {
-            crate::watchdog::want_start();
-        }
-        report_adopted(fd, role, v6, listen_fds.is_some_and(|(lo, hi)| (lo..hi).contains(&fd)), info, result);
-    };
-    if !for_each_open_fd(&mut adopt) {
-        for fd in 0..256 {
-            adopt(fd);
-        }
-    }
-}
-
-fn report_adopted(
-    fd: RawFd,
-    role: Role,
-    _v6: bool,
-    activated: bool,
-    info: Option<sys::TcpInfo>,
-    result: Result<(), (Opt, Errno)>,
-) {
-    use crate::log::{Level, emit};
-    let local = crate::addr::local(fd);
-    let peer = crate::addr::peer(fd);
-    let source = if activated {
-        "LISTEN_FDS"
-    } else if fd <= 2 {
-        "stdio"
-    } else {
-        "inherited"
-    };
-    let state = info.map_or("UNKNOWN", |i| sys::tcp_state::name(i.state));
-    match result {
-        Ok(()) => emit(
-            Level::Info,
-            format_args!(
-                "adopt fd={fd} role={} local={local} peer={peer} state={state} source={source} action=keepalive_on",
-                role.name()
-            ),
-        ),
-        Err((opt, e)) => emit(
-            Level::Warning,
-            format_args!(
-                "adopt fd={fd} role={} local={local} peer={peer} state={state} source={source} action=failed option={} errno={}",
-                role.name(),
-                opt.name(),
-                e.raw_os_error()
-            ),
+        Err((opt, e)) => crate::hooksafe::ring::defer(
+            crate::hooksafe::ring::Deferred::KeepaliveFailed,
+            fd,
+            opt.index(),
+            e.raw_os_error().into(),
         ),
     }
-}
-
-/// The fd range systemd passed (LISTEN_FDS), if LISTEN_PID names this process.
-fn systemd_listen_fds() -> Option<(RawFd, RawFd)> {
-    let pid: i32 = std::env::var("LISTEN_PID").ok()?.trim().parse().ok()?;
-    if pid != sys::getpid() {
-        return None;
-    }
-    let n: i32 = std::env::var("LISTEN_FDS").ok()?.trim().parse().ok()?;
-    Some((3, 3 + n.clamp(0, 65536)))
-}
-
-/// Calls `f` with every open fd number, from /proc/self/fd. False if /proc is not there.
-/// The watchdog reads the directory through a cached fd of its own (no new fd, so it never takes
-/// a number the program is about to get); the constructor, before main(), opens it afresh.
-pub fn for_each_open_fd(f: &mut dyn FnMut(RawFd)) -> bool {
-    use rustix::fs::{Mode, OFlags};
-    if crate::watchdog::on_watchdog_thread() {
-        let Some(dir) = crate::ownfd::proc_fd_dir() else { return probe_fds(f) };
-        let fds = crate::ownfd::with(dir, |b| {
-            rustix::fs::seek(b, rustix::fs::SeekFrom::Start(0)).ok()?;
-            Some(read_fd_dir(b, None))
-        });
-        let Some(Some(fds)) = fds else { return false };
-        for fd in fds {
-            f(fd);
-        }
-        return true;
-    }
-    let transient;
-    let dir = {
-        let Ok(d) =
-            rustix::fs::open("/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        else {
-            return false;
-        };
-        transient = Some(sys::own(d));
-        transient.as_ref().map_or(-1, |d| d.raw())
-    };
-    let Some(b) = sys::borrow(dir) else { return false };
-    let fds = read_fd_dir(b, Some(dir));
-    drop(transient);
-    for fd in fds {
-        f(fd);
-    }
-    true
-}
-
-/// Without a /proc/self/fd of keepfix's own (lean mode, see ownfd::LEAN_BELOW): asks the
-/// kernel about each number below the soft limit, one fcntl(F_GETFD) each, opening nothing.
-fn probe_fds(f: &mut dyn FnMut(RawFd)) -> bool {
-    let Some(soft) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current else { return false };
-    if soft > crate::ownfd::LEAN_BELOW {
-        return false;
-    }
-    for fd in 0..soft as RawFd {
-        if sys::fd_exists(fd) {
-            f(fd);
-        }
-    }
-    true
-}
-
-/// The numbers in an open /proc/PID/fd directory, less `skip` (the directory's own fd).
-fn read_fd_dir(b: BorrowedFd<'_>, skip: Option<RawFd>) -> Vec<RawFd> {
-    use rustix::fs::RawDir;
-    let mut buf = [core::mem::MaybeUninit::<u8>::uninit(); 8192];
-    let mut fds = Vec::new();
-    let mut it = RawDir::new(b, &mut buf);
-    while let Some(Ok(ent)) = it.next() {
-        if let Some(fd) = ent.file_name().to_str().ok().and_then(|s| s.parse::<RawFd>().ok()) {
-            if Some(fd) != skip {
-                fds.push(fd);
-            }
-        }
-    }
-    fds
 }
 
 #[cfg(test)]

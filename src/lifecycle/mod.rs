@@ -17,64 +17,23 @@
 //! The vfork hook raises a counter around the real syscall; while it is raised, a hook whose
 //! getpid() differs from ours is the child's and passes straight through.
 
-use crate::config::{self, Config};
-use crate::{fdtable, hooks, keepalive, log, metrics, nofile, sys, watchdog};
+pub mod adopt;
+
+use crate::config;
+use crate::event::Event;
+use crate::hooks;
+use crate::hooksafe::settings::{self, FORK_REPAIRING, FORK_SEEN, PID, Runtime, active, fork_word, sandboxed};
+use crate::hooksafe::{emfile, fdtable, keepalive, log};
+use crate::sys;
+use crate::watchdog::{control as watchdog, metrics};
 use core::ffi::{c_char, c_int, c_void};
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering::*};
-use std::sync::OnceLock;
-
-pub struct Runtime {
-    pub cfg: Config,
-    pub ka: keepalive::Settings,
-    /// The program's name (comm), read at load.
-    pub program: String,
-}
-
-static RT: OnceLock<Runtime> = OnceLock::new();
-/// A page the kernel zeroes in every child (MADV_WIPEONFORK); its first word is FORK_SEEN in a
-/// process whose fork handlers ran (or that is not a child), FORK_REPAIRING while a hook repairs
-/// a _Fork() child. Null if the kernel lacks MADV_WIPEONFORK (before 4.14).
-static FORK_PAGE: AtomicPtr<AtomicU32> = AtomicPtr::new(core::ptr::null_mut());
-const FORK_SEEN: u32 = 1;
-const FORK_REPAIRING: u32 = 2;
-static PID: AtomicI32 = AtomicI32::new(0);
-/// Threads of this process inside vfork() right now (see the vfork hook).
-static VFORK_DEPTH: AtomicU32 = AtomicU32::new(0);
-
-/// The program installed a seccomp filter: keepfix makes no system call of its own any more,
-/// and every hook passes straight through (see watchdog::pause).
-static SANDBOXED: AtomicBool = AtomicBool::new(false);
-
-pub fn sandboxed() -> bool {
-    SANDBOXED.load(Relaxed)
-}
-
-pub fn set_sandboxed() {
-    SANDBOXED.store(true, Release);
-}
-
-/// The runtime, if keepfix is active for this call: initialised, enabled, not sandboxed, and not
-/// in a vfork child. An acquire load, plus two relaxed ones.
-#[inline]
-pub fn active() -> Option<&'static Runtime> {
-    let rt = RT.get()?;
-    if SANDBOXED.load(Relaxed) {
-        return None;
-    }
-    if VFORK_DEPTH.load(Relaxed) != 0 && sys::getpid() != PID.load(Relaxed) {
-        return None;
-    }
-    Some(rt)
-}
-
-/// The runtime, for keepfix's own thread.
-pub fn get() -> Option<&'static Runtime> {
-    RT.get()
-}
+use core::sync::atomic::{AtomicPtr, Ordering::*};
+use rustix::process::Resource;
 
 /// The constructor's work.
 pub fn init() {
     crate::alloc::init();
+    crate::alloc::set_oom_handler(watchdog::out_of_memory);
     let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
     let env: Vec<(String, String)> = std::env::vars_os()
         .filter_map(|(k, v)| {
@@ -87,27 +46,41 @@ pub fn init() {
     let journal = std::env::var_os("JOURNAL_STREAM");
     log::init(&cfg.log, journal.as_ref().map(|j| j.as_encoded_bytes()));
     for d in &diags {
-        let level = if d.warning { log::Level::Warning } else { log::Level::Err };
-        log::emit(level, format_args!("{d}"));
+        log::event(&Event::Config(d));
     }
     if cfg.disable {
         return;
     }
     PID.store(sys::getpid(), Relaxed);
-    map_fork_page();
+    settings::map_fork_page();
+    settings::set_fork_repair(repair_unhandled_fork);
     hooks::resolve_all();
     MAIN_SYM.resolve();
     // SAFETY: plain function pointers with the C signature.
     unsafe { libc::pthread_atfork(Some(atfork_prepare), None, Some(atfork_child)) };
     if cfg.nofile_raise {
-        nofile::raise_at_load();
+        raise_nofile();
     }
+    emfile::note_limits();
     let ka = keepalive::Settings::from_config(&cfg);
     let program = rustix::thread::name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if RT.set(Runtime { cfg, ka, program }).is_err() {
+    if !settings::set(Runtime { cfg, ka, program }) {
         return;
     }
-    keepalive::adopt_inherited(&ka);
+    adopt::adopt_inherited(&ka);
+}
+
+/// KEEPFIX_NOFILE_RAISE=1: the soft limit goes up to the hard limit at load time.
+fn raise_nofile() {
+    let l = rustix::process::getrlimit(Resource::Nofile);
+    let (Some(soft), hard) = (l.current, l.maximum) else { return };
+    let new = hard.unwrap_or(u64::MAX);
+    if new <= soft {
+        return;
+    }
+    let r = rustix::process::setrlimit(Resource::Nofile, rustix::process::Rlimit { current: hard, maximum: hard });
+    let result = r.map(|()| hard).map_err(|e| e.raw_os_error());
+    log::event(&Event::NofileRaise { soft, result });
 }
 
 /// The destructor's work, at normal exit: what hooks deferred is written, the metrics file goes.
@@ -116,7 +89,9 @@ pub fn fini() {
         return;
     }
     watchdog::at_exit();
-    metrics::remove_at_exit();
+    if watchdog::ran_here() {
+        metrics::remove_at_exit();
+    }
 }
 
 extern "C" fn atfork_prepare() {
@@ -129,10 +104,14 @@ extern "C" fn atfork_child() {
         w.store(FORK_REPAIRING, Release);
     }
     repair_child();
-    if let Some(rt) = RT.get() {
-        // fork() itself is no more async-signal-safe than pthread_create(): this is a safe point.
-        watchdog::start_if_wanted(rt);
-    }
+}
+
+/// A child made without fork handlers (_Fork(), a raw fork or clone syscall): what the fork
+/// handlers would have done, run by the first hook that notices (settings::check_forked).
+fn repair_unhandled_fork() {
+    crate::alloc::after_unhandled_fork();
+    fdtable::note_fork();
+    repair_child();
 }
 
 /// What a child must fix in the state it copied. Async-signal-safe.
@@ -144,54 +123,6 @@ fn repair_child() {
     watchdog::after_fork_child();
     if let Some(w) = fork_word() {
         w.store(FORK_SEEN, Release);
-    }
-}
-
-fn map_fork_page() {
-    use rustix::mm::{Advice, MapFlags, ProtFlags};
-    // SAFETY: a fresh anonymous mapping, never unmapped.
-    let Ok(p) = (unsafe {
-        rustix::mm::mmap_anonymous(core::ptr::null_mut(), 4096, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)
-    }) else {
-        return;
-    };
-    // SAFETY: the mapping just made.
-    if unsafe { rustix::mm::madvise(p, 4096, Advice::LinuxWipeOnFork) }.is_err() {
-        // SAFETY: ours, unused.
-        let _ = unsafe { rustix::mm::munmap(p, 4096) };
-        return;
-    }
-    let w = p.cast::<AtomicU32>();
-    // SAFETY: page-aligned, zeroed, lives for ever.
-    unsafe { (*w).store(FORK_SEEN, Release) };
-    FORK_PAGE.store(w, Release);
-}
-
-fn fork_word() -> Option<&'static AtomicU32> {
-    // SAFETY: null, or the page mapped by map_fork_page, never unmapped.
-    unsafe { FORK_PAGE.load(Acquire).as_ref() }
-}
-
-/// In a child made without fork handlers (_Fork(), a raw fork or clone syscall), repairs the
-/// copied state first. Two loads when nothing is to do; hooks that start the watchdog or wait
-/// for a release call it.
-#[inline]
-pub fn check_forked() {
-    if let Some(w) = fork_word() {
-        if w.load(Acquire) != FORK_SEEN {
-            repair_unhandled_fork(w);
-        }
-    }
-}
-
-#[cold]
-fn repair_unhandled_fork(w: &AtomicU32) {
-    // FORK_REPAIRING: the repair is under way (and may be this thread's own, further up).
-    if w.compare_exchange(0, FORK_REPAIRING, AcqRel, Acquire).is_ok() {
-        let _errno = sys::ErrnoGuard::save();
-        crate::alloc::after_unhandled_fork();
-        fdtable::note_fork();
-        repair_child();
     }
 }
 
@@ -283,7 +214,7 @@ pub extern "C" fn vfork() -> libc::pid_t {
         "neg eax",
         "mov edi, eax",
         "jmp {failed}",
-        depth = sym VFORK_DEPTH,
+        depth = sym settings::VFORK_DEPTH,
         failed = sym vfork_failed,
     )
 }

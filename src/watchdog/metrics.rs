@@ -16,11 +16,14 @@
 //! Socket states are keepfix's view, from the fd table and the CLOSE_WAIT detector: no system
 //! call per socket, so writing metrics costs a table walk.
 
-use crate::closewait::{self, Detector};
-use crate::fdtable::{self, Role, State};
-use crate::nofile::{self, Monitor};
-use crate::runtime::Runtime;
+use crate::event::{Action, Event, Used, metric as name};
+use crate::hooksafe::emfile;
+use crate::hooksafe::fdtable::{self, Role, State};
+use crate::hooksafe::release;
+use crate::hooksafe::settings::Runtime;
 use crate::sys;
+use crate::watchdog::detector::Detector;
+use crate::watchdog::monitor::{self, Monitor};
 use core::fmt::Write as _;
 
 pub struct Writer {
@@ -90,8 +93,7 @@ impl Writer {
         Writer { path, dir, program: rt.program.clone(), failed_logged: false, identity, sweep_at_ms: 0 }
     }
 
-    /// `_monitor`: the fd count is taken at the write (see [`render`]), not the monitor's last.
-    pub fn write(&mut self, detector: &Detector, _monitor: &Monitor, now: u64) {
+    pub fn write(&mut self, detector: &Detector, monitor: &Monitor, now: u64) {
         let Some((path, tmp)) = &self.path else { return };
         if let Some(id) = self.identity {
             if now >= self.sweep_at_ms {
@@ -103,7 +105,7 @@ impl Writer {
             Some(id) => header(&id),
             None => format!("# keepfix pid={}\n", sys::getpid()),
         };
-        text.push_str(&render(detector, now, &self.program));
+        text.push_str(&render(detector, monitor, now, &self.program));
         // A failure is said once, and so is the recovery: a stale file never goes unnoticed.
         use core::sync::atomic::Ordering::*;
         let me = sys::getpid();
@@ -122,21 +124,11 @@ impl Writer {
         match written {
             Err(e) if !self.failed_logged => {
                 self.failed_logged = true;
-                crate::log::emit(
-                    crate::log::Level::Warning,
-                    format_args!(
-                        "metrics path={} action=failed errno={} note=\"the file is stale until a line says recovered\"",
-                        crate::log::Quoted(path.as_bytes()),
-                        e.raw_os_error()
-                    ),
-                );
+                crate::hooksafe::log::event(&Event::MetricsFailed { path: path.as_bytes(), errno: e.raw_os_error() });
             }
             Ok(()) if self.failed_logged => {
                 self.failed_logged = false;
-                crate::log::emit(
-                    crate::log::Level::Notice,
-                    format_args!("metrics path={} action=recovered", crate::log::Quoted(path.as_bytes())),
-                );
+                crate::hooksafe::log::event(&Event::MetricsRecovered { path: path.as_bytes() });
             }
             _ => {}
         }
@@ -199,7 +191,7 @@ pub fn remove_at_exit() {
 
 fn write_atomically(path: &str, tmp: &str, bytes: &[u8]) -> Result<(), rustix::io::Errno> {
     use rustix::fs::{Mode, OFlags};
-    let f = crate::ownfd::Temp::open(
+    let f = crate::hooksafe::ownfd::Temp::open(
         tmp,
         OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW,
         Mode::from_raw_mode(0o644),
@@ -219,11 +211,11 @@ fn write_atomically(path: &str, tmp: &str, bytes: &[u8]) -> Result<(), rustix::i
 }
 
 /// The file's text.
-pub fn render(detector: &Detector, now: u64, program: &str) -> String {
+pub fn render(detector: &Detector, _monitor: &Monitor, now: u64, program: &str) -> String {
     let pid = sys::getpid();
     let mut roles = [0u64; 6];
     let (mut tracked, mut released, mut vacated) = (0u64, 0u64, 0u64);
-    let acting = crate::runtime::get().is_some_and(|rt| rt.cfg.close_wait.acts());
+    let acting = crate::hooksafe::settings::get().is_some_and(|rt| rt.cfg.close_wait.acts());
     fdtable::for_each(0, fdtable::MAX_FD - 1, |_, s| {
         let m = s.load();
         match m.state() {
@@ -241,10 +233,10 @@ pub fn render(detector: &Detector, now: u64, program: &str) -> String {
         }
     });
     let (held, oldest) = detector.held(now);
-    let t = closewait::totals();
-    let (soft, hard) = nofile::limits();
-    let (emfile, rejected) = nofile::emfile_events();
-    let rt = crate::runtime::get();
+    let t = release::totals();
+    let (soft, hard) = emfile::limits();
+    let (emfile, rejected) = emfile::emfile_events();
+    let rt = crate::hooksafe::settings::get();
     let l = format!("pid=\"{pid}\",program=\"{}\"", escape(program));
     let mut o = String::with_capacity(4096);
     let mut metric = |name: &str, kind: &str, help: &str, rows: &[(&str, f64)]| {
@@ -254,15 +246,15 @@ pub fn render(detector: &Detector, now: u64, program: &str) -> String {
             let _ = writeln!(o, "{name}{{{l}{sep}{extra}}} {v}");
         }
     };
-    metric("keepfix_up", "gauge", "1 while keepfix's watchdog runs in this process.", &[("", 1.0)]);
+    metric(name::UP, "gauge", "1 while keepfix's watchdog runs in this process.", &[("", 1.0)]);
     let role = |r: Role| roles.get(r as usize).copied().unwrap_or(0);
     let role_rows: Vec<(String, f64)> =
         Role::ALL.iter().map(|r| (format!("role=\"{}\"", r.name()), role(*r) as f64)).collect();
     let role_rows: Vec<(&str, f64)> = role_rows.iter().map(|(s, v)| (s.as_str(), *v)).collect();
-    metric("keepfix_tracked_sockets", "gauge", "TCP sockets keepfix tracks, by role.", &role_rows);
+    metric(name::TRACKED_SOCKETS, "gauge", "TCP sockets keepfix tracks, by role.", &role_rows);
     let open = tracked.saturating_sub(held as u64 + role(Role::Listener) + role(Role::InheritedListener));
     metric(
-        "keepfix_sockets",
+        name::SOCKETS,
         "gauge",
         "Tracked sockets and released numbers, by state as keepfix sees it: open, close_wait (the peer closed, the program did not: found and not yet released), listen, released (shut down by keepfix, the number still the program's), vacated (closed by keepfix to free the fd).",
         &[
@@ -274,82 +266,77 @@ pub fn render(detector: &Detector, now: u64, program: &str) -> String {
         ],
     );
     metric(
-        "keepfix_close_wait_oldest_seconds",
+        name::CLOSE_WAIT_OLDEST_SECONDS,
         "gauge",
         "Age of the oldest socket held in CLOSE_WAIT.",
         &[("", oldest as f64)],
     );
     metric(
-        "keepfix_close_wait_found_total",
+        name::CLOSE_WAIT_FOUND_TOTAL,
         "counter",
         "Sockets found left in CLOSE_WAIT or dead.",
         &[("", t.found as f64)],
     );
     metric(
-        "keepfix_close_wait_actions_total",
+        name::CLOSE_WAIT_ACTIONS_TOTAL,
         "counter",
         "What keepfix did with sockets left in CLOSE_WAIT.",
         &[
-            ("action=\"logged\"", t.logged as f64),
-            ("action=\"shutdown\"", t.shutdown as f64),
-            ("action=\"vacated\"", t.vacated as f64),
-            ("action=\"kept_unread\"", t.unread_kept as f64),
+            (&action(Action::Logged), t.logged as f64),
+            (&action(Action::Shutdown), t.shutdown as f64),
+            (&action(Action::Vacated), t.vacated as f64),
+            (&action(Action::KeptUnread), t.unread_kept as f64),
         ],
     );
     metric(
-        "keepfix_released_closed_by_program_total",
+        name::RELEASED_CLOSED_BY_PROGRAM_TOTAL,
         "counter",
         "close() calls the program made on numbers keepfix had shut down or vacated.",
-        &[("", closewait::program_closed() as f64)],
+        &[("", release::program_closed() as f64)],
     );
-    // Counted now (one fstat of /proc/self/fd on Linux 6.2+, a walk of it before), not the
-    // monitor's last count, which can be a minute old. Without a count there is no sample: an
-    // absent figure, not a stale one.
-    if let Some(used) = nofile::count_open_fds() {
-        metric("keepfix_fds_used", "gauge", "Open fds, counted at this write.", &[("", used as f64)]);
+    // Counted for this write (one fstat of /proc/self/fd): never an old count. When no count can
+    // be taken, the lower bound goes under its own name, and keepfix_fds_used is absent.
+    match monitor::used_now() {
+        Used::Counted(n) => metric(name::FDS_USED, "gauge", "Open fds, counted for this write.", &[("", n as f64)]),
+        Used::AtLeast(n) => metric(
+            name::FDS_USED_MIN,
+            "gauge",
+            "At least this many fds are open (no count could be taken for this write).",
+            &[("", n as f64)],
+        ),
     }
     let lim = |v: u64| if v == u64::MAX { f64::INFINITY } else { v as f64 };
+    metric(name::FDS_LIMIT, "gauge", "RLIMIT_NOFILE.", &[("kind=\"soft\"", lim(soft)), ("kind=\"hard\"", lim(hard))]);
+    metric(name::EMFILE_TOTAL, "counter", "accept() calls that failed with EMFILE or ENFILE.", &[("", emfile as f64)]);
     metric(
-        "keepfix_fds_limit",
-        "gauge",
-        "RLIMIT_NOFILE.",
-        &[("kind=\"soft\"", lim(soft)), ("kind=\"hard\"", lim(hard))],
-    );
-    metric(
-        "keepfix_emfile_total",
-        "counter",
-        "accept() calls that failed with EMFILE or ENFILE.",
-        &[("", emfile as f64)],
-    );
-    metric(
-        "keepfix_emfile_rejected_total",
+        name::EMFILE_REJECTED_TOTAL,
         "counter",
         "Pending connections keepfix accepted and closed at once because the fd table was full.",
         &[("", rejected as f64)],
     );
     metric(
-        "keepfix_select_too_big_total",
+        name::SELECT_TOO_BIG_TOTAL,
         "counter",
         "select() calls with nfds above FD_SETSIZE.",
-        &[("", nofile::select_too_big_count() as f64)],
+        &[("", emfile::select_too_big_count() as f64)],
     );
     metric(
-        "keepfix_log_dropped_total",
+        name::LOG_DROPPED_TOTAL,
         "counter",
         "Log lines that could not be written.",
-        &[("", crate::log::dropped_lines() as f64)],
+        &[("", crate::hooksafe::log::dropped_lines() as f64)],
     );
-    metric("keepfix_table_bytes", "gauge", "Memory of keepfix's fd table.", &[("", fdtable::mapped_bytes() as f64)]);
-    let (ticks, last, max, cpu) = crate::watchdog::tick_stats();
-    metric("keepfix_watchdog_ticks_total", "counter", "Periodic watchdog ticks.", &[("", ticks as f64)]);
+    metric(name::TABLE_BYTES, "gauge", "Memory of keepfix's fd table.", &[("", fdtable::mapped_bytes() as f64)]);
+    let (ticks, last, max, cpu) = crate::watchdog::stats::tick_stats();
+    metric(name::WATCHDOG_TICKS_TOTAL, "counter", "Periodic watchdog ticks.", &[("", ticks as f64)]);
     metric(
-        "keepfix_watchdog_tick_seconds",
+        name::WATCHDOG_TICK_SECONDS,
         "gauge",
         "How long the watchdog's periodic work took: the last tick and the longest.",
         &[("stat=\"last\"", last as f64 / 1e9), ("stat=\"max\"", max as f64 / 1e9)],
     );
     metric(
-        "keepfix_watchdog_cpu_seconds_total",
+        name::WATCHDOG_CPU_SECONDS_TOTAL,
         "counter",
         "CPU time of keepfix's watchdog thread.",
         &[("", cpu as f64 / 1e9)],
@@ -358,7 +345,7 @@ pub fn render(detector: &Detector, now: u64, program: &str) -> String {
         let c = &rt.cfg;
         let ut = c.user_timeout_ms().map_or(0.0, |ms| f64::from(ms) / 1000.0);
         metric(
-            "keepfix_config_seconds",
+            name::CONFIG_SECONDS,
             "gauge",
             "keepfix's configured timings (user_timeout 0 = off).",
             &[
@@ -369,7 +356,7 @@ pub fn render(detector: &Detector, now: u64, program: &str) -> String {
                 ("name=\"scan_interval\"", c.scan_interval_ms as f64 / 1000.0),
             ],
         );
-        metric("keepfix_config_keepcnt", "gauge", "keepfix's configured TCP_KEEPCNT.", &[("", f64::from(c.cnt))]);
+        metric(name::CONFIG_KEEPCNT, "gauge", "keepfix's configured TCP_KEEPCNT.", &[("", f64::from(c.cnt))]);
     }
     o
 }
@@ -404,7 +391,7 @@ fn own_identity(pid: i32) -> Option<Identity> {
 /// the file cannot be read (no such process, or /proc hides it).
 fn start_time(pid: i32) -> Option<u64> {
     use rustix::fs::{Mode, OFlags};
-    let f = crate::ownfd::Temp::open(&format!("/proc/{pid}/stat"), OFlags::RDONLY, Mode::empty()).ok()?;
+    let f = crate::hooksafe::ownfd::Temp::open(&format!("/proc/{pid}/stat"), OFlags::RDONLY, Mode::empty()).ok()?;
     let mut buf = [0u8; 1024];
     let n = f.with(|b| rustix::io::read(b, &mut buf).ok())??;
     parse_start_time(buf.get(..n)?)
@@ -435,7 +422,7 @@ fn file_pid(name: &[u8]) -> Option<(i32, bool)> {
 /// and how many files of other processes it looked at.
 fn sweep(dir: &str, me: &Identity) -> (usize, usize) {
     use rustix::fs::{Mode, OFlags, RawDir};
-    let Ok(d) = crate::ownfd::Temp::open(dir, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()) else {
+    let Ok(d) = crate::hooksafe::ownfd::Temp::open(dir, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()) else {
         return (0, 0);
     };
     let mut found: Vec<(String, i32, bool)> = Vec::new();
@@ -469,7 +456,8 @@ fn sweep(dir: &str, me: &Identity) -> (usize, usize) {
 fn is_stale(path: &str, pid: i32, me: &Identity) -> bool {
     use rustix::fs::{FileType, Mode, OFlags};
     // No FIFO can block the watchdog, and no symlink is followed.
-    let Ok(f) = crate::ownfd::Temp::open(path, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK, Mode::empty())
+    let Ok(f) =
+        crate::hooksafe::ownfd::Temp::open(path, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK, Mode::empty())
     else {
         return false;
     };
@@ -504,6 +492,12 @@ fn tmp_abandoned(path: &str) -> bool {
 }
 
 /// A label value: backslash, quote and newline escaped, as the text format wants.
+/// The `action` label of keepfix_close_wait_actions_total: the `close_wait` line's action name
+/// (kept_sigpipe counts as logged, dead as shutdown).
+fn action(a: Action) -> String {
+    format!("action=\"{}\"", a.name())
+}
+
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

@@ -1,5 +1,6 @@
-//! CLOSE_WAIT: finding the sockets a program forgot (the peer closed, the program never did) and
-//! logging, shutting down or freeing them, without ever harming the program.
+//! The CLOSE_WAIT detector, on the watchdog's thread: finds the sockets a program forgot (the
+//! peer closed, the program never did), and logs, shuts down or frees them by the rules of
+//! hooksafe::release, without ever harming the program.
 //!
 //! ## Detection: cost grows with leaks, not with connections
 //! Every connection that outlives a scan tick is added once to the watchdog's own edge-triggered
@@ -30,88 +31,17 @@
 
 use crate::addr;
 use crate::config::{CloseWaitMode, Unread};
-use crate::fdtable::{self, Meta, Role, State, flag};
-use crate::log::{Level, emit};
-use crate::ownfd;
-use crate::runtime::Runtime;
+use crate::event::{Action, Event};
+use crate::hooksafe::fdtable::{self, Meta, Role, State, flag};
+use crate::hooksafe::log;
+use crate::hooksafe::release::{self, FOUND, LOGGED, SHUT, UNREAD_KEPT, in_use, mark_acted, unread_bytes};
+use crate::hooksafe::settings::Runtime;
+use crate::hooksafe::{ownfd, wake};
 use crate::sys::{self, tcp_state};
-use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
+use core::sync::atomic::Ordering::*;
 use rustix::event::epoll;
 use rustix::fd::RawFd;
 use std::collections::HashMap;
-
-/// Totals since load, for metrics and summaries.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Totals {
-    pub found: u64,
-    pub logged: u64,
-    pub shutdown: u64,
-    pub vacated: u64,
-    pub unread_kept: u64,
-}
-
-static FOUND: AtomicU64 = AtomicU64::new(0);
-static LOGGED: AtomicU64 = AtomicU64::new(0);
-static SHUT: AtomicU64 = AtomicU64::new(0);
-static VACATED: AtomicU64 = AtomicU64::new(0);
-static UNREAD_KEPT: AtomicU64 = AtomicU64::new(0);
-/// The program closed a number keepfix had vacated.
-static PROGRAM_CLOSED: AtomicU64 = AtomicU64::new(0);
-/// The watchdog's epoll set.
-static EPOLL: AtomicI32 = AtomicI32::new(-1);
-/// A hook asked for a tick now (the fd table is nearly full): the watchdog sleeps on this word
-/// (a futex: no fd, so nothing of keepfix's can be written into a number the program reused).
-static POKE: AtomicU32 = AtomicU32::new(0);
-
-/// Makes the epoll set, in the hook that starts the watchdog (see ownfd on why).
-pub fn prepare(_rt: &Runtime) {
-    if EPOLL.load(Acquire) >= 0 || ownfd::lean() {
-        return;
-    }
-    if let Some(ep) = epoll::create(epoll::CreateFlags::CLOEXEC).ok().and_then(|e| ownfd::install(sys::own(e))) {
-        EPOLL.store(ep, Release);
-    }
-}
-
-/// The epoll set's fd, if keepfix still holds it.
-pub fn epoll_fd() -> Option<RawFd> {
-    Some(EPOLL.load(Acquire)).filter(|&e| e >= 0 && ownfd::is_own(e))
-}
-
-/// Wakes the watchdog for a tick now (the fd table is nearly full). One futex wake, at most
-/// once per tick; async-signal-safe.
-pub fn poke() {
-    if POKE.swap(1, AcqRel) == 0 {
-        let _ = rustix::thread::futex::wake(&POKE, rustix::thread::futex::Flags::PRIVATE, 1);
-    }
-}
-
-pub fn totals() -> Totals {
-    Totals {
-        found: FOUND.load(Relaxed),
-        logged: LOGGED.load(Relaxed),
-        shutdown: SHUT.load(Relaxed),
-        vacated: VACATED.load(Relaxed),
-        unread_kept: UNREAD_KEPT.load(Relaxed),
-    }
-}
-
-pub fn note_program_closed(_vacated: bool) {
-    PROGRAM_CLOSED.fetch_add(1, Relaxed);
-}
-
-pub fn program_closed() -> u64 {
-    PROGRAM_CLOSED.load(Relaxed)
-}
-
-/// In a fork child: the epoll set is the parent's; the child makes its own.
-pub fn after_fork_child() {
-    let fd = EPOLL.swap(-1, AcqRel);
-    if fd >= 0 {
-        ownfd::close(fd);
-    }
-    POKE.store(0, Relaxed);
-}
 
 /// A socket found left behind.
 struct Leak {
@@ -127,7 +57,7 @@ struct Leak {
     /// An `unread` line was written for it already.
     unread_logged: bool,
     /// What was done: None while waiting for KEEPFIX_CLOSE_WAIT_AFTER.
-    done: Option<&'static str>,
+    done: Option<Action>,
 }
 
 /// What a release attempt ended with.
@@ -143,7 +73,8 @@ enum Outcome {
     InUse,
     /// SIGPIPE would kill the program at its next write: left as it is.
     KeptSigpipe,
-    ShutDown(&'static str),
+    /// Done: logged (log mode), shut down, or found dead.
+    Done(Action),
 }
 
 pub struct Detector {
@@ -159,8 +90,6 @@ pub struct Detector {
 
 const LINES_PER_TICK: u32 = 10;
 const SUMMARY_EVERY_MS: u64 = 60_000;
-/// A socket another process may share is in use while anyone sent data on it this recently.
-const SHARED_QUIET_MS: u64 = 2_000;
 
 impl Detector {
     pub fn new(rt: &'static Runtime) -> Detector {
@@ -174,24 +103,13 @@ impl Detector {
         }
     }
 
-    pub fn epoll_fd(&self) -> Option<RawFd> {
-        epoll_fd()
-    }
-
     /// Sleeps up to `timeout_ms` (or until a hook pokes), then examines the socket events that
     /// came. keepfix never blocks in a system call on its own fd (the program may close that
     /// number at any time): the sleep is on a futex, the epoll set is read without waiting.
     /// Returns true if a hook asked for a tick now.
     pub fn wait(&mut self, timeout_ms: u64) -> bool {
-        let timeout = rustix::thread::Timespec {
-            tv_sec: (timeout_ms / 1000) as i64,
-            tv_nsec: ((timeout_ms % 1000) * 1_000_000) as i64,
-        };
-        if POKE.load(Acquire) == 0 {
-            let _ = rustix::thread::futex::wait(&POKE, rustix::thread::futex::Flags::PRIVATE, 0, Some(&timeout));
-        }
-        let poked = POKE.swap(0, AcqRel) != 0;
-        let Some(ep) = self.epoll_fd() else { return poked };
+        let poked = wake::wait(timeout_ms);
+        let Some(ep) = wake::epoll_fd() else { return poked };
         let mut buf = [core::mem::MaybeUninit::<epoll::Event>::uninit(); 256];
         let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
         let mut got: Vec<u64> = Vec::new();
@@ -219,7 +137,7 @@ impl Detector {
     /// The periodic part: watch new sockets, act on suspects whose time has come, summarise.
     pub fn tick(&mut self, now: u64) {
         self.lines_this_tick = 0;
-        if self.epoll_fd().is_none() && self.rt.cfg.close_wait != CloseWaitMode::Off {
+        if wake::epoll_fd().is_none() && self.rt.cfg.close_wait != CloseWaitMode::Off {
             self.scan(now);
         }
         self.register_new();
@@ -247,7 +165,7 @@ impl Detector {
     /// Adds sockets tracked since the last tick to the epoll set, and finishes the configuration
     /// of sockets that got connected without a connect() keepfix saw.
     fn register_new(&mut self) {
-        let ep = self.epoll_fd();
+        let ep = wake::epoll_fd();
         let rt = self.rt;
         let mut redo = false;
         fdtable::drain_dirty(|fd, slot| {
@@ -259,7 +177,7 @@ impl Detector {
                 && m.role() == Role::Socket
                 && sys::tcp_info(fd).is_ok_and(|i| i.state == tcp_state::ESTABLISHED)
             {
-                crate::keepalive::configure(fd, slot, &rt.ka);
+                crate::hooksafe::keepalive::configure(fd, slot, &rt.ka);
                 slot.set_flags(flag::CONNECTED, 0);
             }
             if rt.cfg.close_wait == CloseWaitMode::Off {
@@ -302,7 +220,7 @@ impl Detector {
             if let Some(s) = fdtable::slot(fd) {
                 s.replace_same_gen(m, m.with_flags(flag::CONNECTED, flag::CONNECTING));
             }
-            if let (Some(ep), Some(t)) = (self.epoll_fd(), sys::borrow(fd)) {
+            if let (Some(ep), Some(t)) = (wake::epoll_fd(), sys::borrow(fd)) {
                 let data = epoll::EventData::new_u64(u64::from(fd as u32) | u64::from(m.generation()) << 32);
                 let _ =
                     ownfd::with(ep, |ep| epoll::modify(ep, t, data, epoll::EventFlags::RDHUP | epoll::EventFlags::ET));
@@ -386,21 +304,21 @@ impl Detector {
                 }
                 leak.unread_logged = true;
                 UNREAD_KEPT.fetch_add(1, Relaxed);
-                "kept_unread"
+                Action::KeptUnread
             }
-            Outcome::KeptSigpipe => "kept_sigpipe",
-            Outcome::ShutDown(a) => a,
+            Outcome::KeptSigpipe => Action::KeptSigpipe,
+            Outcome::Done(a) => a,
         };
-        if action != "kept_unread" {
+        if action != Action::KeptUnread {
             leak.done = Some(action);
         }
         match action {
-            "logged" | "kept_sigpipe" => LOGGED.fetch_add(1, Relaxed),
-            "kept_unread" => 0,
-            _ => SHUT.fetch_add(1, Relaxed),
+            Action::Logged | Action::KeptSigpipe => LOGGED.fetch_add(1, Relaxed),
+            Action::KeptUnread => 0,
+            Action::Shutdown | Action::Dead | Action::Vacated => SHUT.fetch_add(1, Relaxed),
         };
         let (peer, local, state, unread) = (leak.peer, leak.local, leak.state, leak.unread);
-        if matches!(action, "shutdown" | "dead") {
+        if matches!(action, Action::Shutdown | Action::Dead) {
             // No longer a socket left in CLOSE_WAIT: its slot says ACTED, so it is not taken up
             // again; in close mode its number may be freed later (vacate_forgotten).
             self.leaks.remove(&fd);
@@ -422,7 +340,7 @@ impl Detector {
         if let Some(s) = fdtable::slot(fd) {
             s.replace_same_gen(m, m.with_flags(flag::ACTED, 0));
         }
-        Outcome::ShutDown("logged")
+        Outcome::Done(Action::Logged)
     }
 
     /// Shutdown and close modes: shuts the socket down through a private duplicate (checked to
@@ -440,7 +358,7 @@ impl Detector {
             // handed over).
             let Some(rel) = slot.begin_release(fd, m, ino) else { return Outcome::Raced };
             let outcome = self.release_through(fd, fd, ino, slot, m);
-            let acted = matches!(outcome, Outcome::ShutDown(_) | Outcome::KeptSigpipe);
+            let acted = matches!(outcome, Outcome::Done(_) | Outcome::KeptSigpipe);
             let back = rel.with_state(State::Tracked).with_flags(if acted { flag::ACTED } else { 0 }, 0);
             if slot.end_release(fd, rel, back, false) {
                 // The release moved the generation on: the suspect follows it.
@@ -451,7 +369,7 @@ impl Detector {
             return outcome;
         };
         let outcome = self.release_through(dup.raw(), fd, ino, slot, m);
-        if let Outcome::ShutDown(_) | Outcome::KeptSigpipe = outcome {
+        if let Outcome::Done(_) | Outcome::KeptSigpipe = outcome {
             if sys::borrow(fd).and_then(|b| rustix::fs::fstat(b).ok()).is_none_or(|st| st.st_ino != ino) {
                 // The program closed it meanwhile: ours is the last reference; its close must
                 // not wait here for SO_LINGER.
@@ -490,7 +408,7 @@ impl Detector {
         if info.state == tcp_state::CLOSE {
             // Dead already (reset, timed out): nothing to send. It waits for the program's close,
             // or, in close mode, to be vacated once the program has seen its end.
-            return Outcome::ShutDown("dead");
+            return Outcome::Done(Action::Dead);
         }
         if sys::sigpipe_kills() {
             return Outcome::KeptSigpipe;
@@ -498,7 +416,7 @@ impl Detector {
         // Our FIN goes out after any data still queued, and pollers wake (IN|RDHUP|HUP), even
         // if another reference to the socket exists. The socket stays at its number.
         let _ = rustix::net::shutdown(b, rustix::net::Shutdown::Both);
-        Outcome::ShutDown("shutdown")
+        Outcome::Done(Action::Shutdown)
     }
 
     /// One event line, or a fold into this tick's summary once there are many.
@@ -511,51 +429,42 @@ impl Detector {
         age_s: u64,
         state: u8,
         unread: u32,
-        action: &str,
+        action: Action,
     ) {
         self.lines_this_tick += 1;
         if self.lines_this_tick > LINES_PER_TICK {
             let i = match action {
-                "logged" | "kept_sigpipe" => 0,
-                "vacated" => 2,
-                "kept_unread" => 3,
-                _ => 1,
+                Action::Logged | Action::KeptSigpipe => 0,
+                Action::Vacated => 2,
+                Action::KeptUnread => 3,
+                Action::Shutdown | Action::Dead => 1,
             };
             if let Some(c) = self.folded.get_mut(i) {
                 *c += 1;
             }
             return;
         }
-        let level =
-            if matches!(action, "logged" | "kept_unread" | "kept_sigpipe") { Level::Warning } else { Level::Notice };
-        emit(
-            level,
-            format_args!(
-                "close_wait fd={fd} peer={peer} local={local} age={age_s}s state={} unread={unread} action={action}",
-                tcp_state::name(state)
-            ),
-        );
+        log::event(&Event::CloseWait { fd, peer, local, age_s, state, unread, action, at_emfile: false });
     }
 
     /// A summary line when this tick folded lines, and once a minute while suspects are held.
     fn summarise(&mut self, now: u64) {
         let folded: u64 = self.folded.iter().sum();
         let held = self.leaks.len();
-        let due = held > 0 && now.saturating_sub(self.last_summary_ms) >= SUMMARY_EVERY_MS;
-        if folded == 0 && !due {
+        if !summary_due(held, folded, &mut self.last_summary_ms, now) {
             return;
         }
-        self.last_summary_ms = now;
-        let oldest = self.leaks.values().map(|l| now.saturating_sub(l.first_ms) / 1000).max().unwrap_or(0);
-        let t = totals();
-        let [fl, fs, fc, fu] = self.folded;
-        emit(
-            Level::Warning,
-            format_args!(
-                "close_wait_summary held={held} oldest_age={oldest}s new_logged={fl} new_shutdown={fs} new_vacated={fc} new_unread_kept={fu} total_found={} total_logged={} total_shutdown={} total_vacated={}",
-                t.found, t.logged, t.shutdown, t.vacated
-            ),
-        );
+        let oldest_age_s = self.leaks.values().map(|l| now.saturating_sub(l.first_ms) / 1000).max().unwrap_or(0);
+        let t = release::totals();
+        log::event(&Event::CloseWaitSummary {
+            held,
+            oldest_age_s,
+            new: self.folded,
+            total_found: t.found,
+            total_logged: t.logged,
+            total_shutdown: t.shutdown,
+            total_vacated: t.vacated,
+        });
         self.folded = [0; 4];
     }
 
@@ -571,16 +480,13 @@ impl Detector {
     pub fn repair(&mut self) {
         if ownfd::lean() {
             // No epoll set and no /proc file below ownfd::LEAN_BELOW: tick() scans instead.
-            let ep = EPOLL.swap(-1, AcqRel);
-            if ep >= 0 {
-                ownfd::close(ep);
-            }
+            wake::drop_epoll();
             ownfd::shed();
             return;
         }
-        if self.epoll_fd().is_none() {
-            EPOLL.store(-1, Release);
-            prepare(self.rt);
+        if wake::epoll_fd().is_none() {
+            wake::forget_epoll();
+            wake::prepare(self.rt);
             self.registered_all = false;
         }
         if !self.registered_all {
@@ -595,156 +501,36 @@ impl Detector {
     }
 }
 
-/// Marks the socket as acted on (shut down, dead, or left for SIGPIPE's sake): the same socket
-/// (generation), whatever flags a hook set meanwhile (SAW_EOF, say).
-fn mark_acted(slot: &fdtable::Slot, m: Meta) {
-    slot.update(|cur| (cur.is_tracked() && cur.generation() == m.generation()).then(|| cur.with_flags(flag::ACTED, 0)));
-}
-
-/// Is the connection still in use, so that nothing may be done to it yet? Something unsent or
-/// unacknowledged (SIOCOUTQ), or data sent (by any process that holds the socket: TCP_INFO sees
-/// them all) within KEEPFIX_CLOSE_WAIT_AFTER, or within 2 s for a socket another fd or process
-/// may share (a forked child may be streaming to a peer that half-closed).
-fn in_use(fd: RawFd, info: &sys::TcpInfo, m: Meta, slot: &fdtable::Slot, after_ms: u64) -> bool {
-    if info.state == tcp_state::CLOSE {
-        // Reset or timed out: nothing can be sent any more (and SIOCOUTQ keeps counting the
-        // bytes that were in flight when the reset came).
-        return false;
+/// Is a `close_wait_summary` line due? When this tick folded lines into it, or once a minute
+/// while suspects are held. The minute runs only while some are held, so it starts with the first
+/// one: a summary never reports nothing (issue 13, D4). Updates `last` when it is due.
+fn summary_due(held: usize, folded: u64, last: &mut u64, now: u64) -> bool {
+    if held == 0 {
+        *last = now;
     }
-    let quiet = if maybe_shared(m, slot) { after_ms.max(SHARED_QUIET_MS) } else { after_ms };
-    sys::unsent_bytes(fd) > 0 || u64::from(info.last_data_sent_ms) < quiet
-}
-
-/// May another fd of this process, or another process, hold this socket? Duplicated (SHARED),
-/// seen before a fork, or inherited at exec.
-fn maybe_shared(m: Meta, slot: &fdtable::Slot) -> bool {
-    m.has(flag::SHARED)
-        || slot.info().1 != fdtable::fork_epoch()
-        || matches!(m.role(), Role::Inherited | Role::InheritedListener)
-}
-
-/// Bytes received and not yet read by the program (SIOCINQ).
-fn unread_bytes(fd: RawFd) -> u32 {
-    sys::borrow(fd).and_then(|b| rustix::io::ioctl_fionread(b).ok()).map_or(0, |n| n.min(u64::from(u32::MAX)) as u32)
-}
-
-/// Is the socket at `fd` (word `m`) one the program is provably done with, so that its number may
-/// be freed? See the module's rules. Returns its inode if so. A few system calls, no allocation.
-fn forgotten(rt: &Runtime, fd: RawFd, m: Meta, slot: &fdtable::Slot) -> Option<(u64, u32)> {
-    if !m.is_tracked() || !m.has(flag::SAW_EOF) || m.role().is_listener() || maybe_shared(m, slot) {
-        return None;
+    let due = folded > 0 || (held > 0 && now.saturating_sub(*last) >= SUMMARY_EVERY_MS);
+    if due {
+        *last = now;
     }
-    let info = sys::tcp_info(fd).ok()?;
-    if !matches!(info.state, tcp_state::CLOSE_WAIT | tcp_state::CLOSE | tcp_state::LAST_ACK) {
-        return None;
-    }
-    if in_use(fd, &info, m, slot, rt.cfg.close_wait_after_ms)
-        || u64::from(info.last_data_recv_ms) < rt.cfg.close_wait_after_ms
-        || (rt.cfg.close_wait_unread == Unread::Keep && unread_bytes(fd) > 0)
-    {
-        return None;
-    }
-    let st = rustix::fs::fstat(sys::borrow(fd)?).ok()?;
-    (st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then_some((st.st_ino, info.last_data_recv_ms))
+    due
 }
 
-/// The `K` entries with the greatest key seen by [`Oldest::offer`], in a fixed array: the
-/// EMFILE path runs in a hook, where nothing may allocate.
-struct Oldest<const K: usize> {
-    items: [(u64, RawFd, Meta, u64); K],
-    len: usize,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl<const K: usize> Oldest<K> {
-    fn new() -> Self {
-        Oldest { items: [(0, -1, Meta(0), 0); K], len: 0 }
-    }
-    fn offer(&mut self, key: u64, fd: RawFd, m: Meta, ino: u64) {
-        let pos = self.items.iter().take(self.len).position(|it| it.0 < key).unwrap_or(self.len);
-        if pos >= K {
-            return;
+    #[test]
+    fn a_first_suspect_after_a_quiet_minute_gets_no_summary_at_once() {
+        // The detector was made at 0; nothing was held for 90 s; a suspect comes.
+        let mut last = 0;
+        for t in (0..90_000).step_by(100) {
+            assert!(!summary_due(0, 0, &mut last, t));
         }
-        if let Some(tail) = self.items.get_mut(pos..) {
-            tail.rotate_right(1);
-        }
-        if let Some(it) = self.items.get_mut(pos) {
-            *it = (key, fd, m, ino);
-        }
-        self.len = (self.len + 1).min(K);
+        assert!(!summary_due(1, 0, &mut last, 90_000), "an empty summary as the first suspect came");
+        assert!(!summary_due(1, 0, &mut last, 149_000));
+        assert!(summary_due(1, 0, &mut last, 150_000), "no summary a minute after the first suspect");
+        assert!(!summary_due(1, 0, &mut last, 150_100));
+        // Lines folded this tick: a summary at once, whatever the minute.
+        assert!(summary_due(1, 3, &mut last, 150_200));
     }
-    fn iter(&self) -> impl Iterator<Item = &(u64, RawFd, Meta, u64)> {
-        self.items.iter().take(self.len)
-    }
-}
-
-/// Frees the number `fd`: closes the socket there for good, inside the release protocol, if the
-/// slot still holds `m`, the fd still holds the socket of inode `ino`, and it is still
-/// forgotten. SO_LINGER goes off first, so the close cannot wait. The number becomes Vacated: a
-/// later close() of it by the program is answered 0. Signals are blocked meanwhile (a handler in
-/// this thread that closed the number would wait on this very release).
-fn vacate(rt: &Runtime, fd: RawFd, m: Meta, ino: u64) -> bool {
-    let Some(s) = fdtable::slot(fd) else { return false };
-    let _blocked = sys::SignalsBlocked::all();
-    let Some(rel) = s.begin_release(fd, m, ino) else { return false };
-    let same = sys::borrow(fd).and_then(|b| rustix::fs::fstat(b).ok()).is_some_and(|st| st.st_ino == ino);
-    if !same || forgotten(rt, fd, m, s).is_none() {
-        s.end_release(fd, rel, rel.with_state(State::Tracked), false);
-        return false;
-    }
-    sys::linger_off(fd);
-    // The last check: a program close() from here on is handed over to end_release.
-    let closed = s.still(rel) && sys::close_raw(fd).is_ok();
-    let ok = s.end_release(fd, rel, rel.with_state(State::Vacated), closed);
-    if closed {
-        VACATED.fetch_add(1, Relaxed);
-    }
-    closed && ok
-}
-
-/// Frees up to 8 numbers of forgotten sockets, oldest data first, from the accept() hook at
-/// EMFILE: no allocation, at most `budget` fds looked at. Returns how many were freed, and how
-/// many it tried (a try fails when a slot changed meanwhile).
-pub fn vacate_forgotten(rt: &Runtime, budget: usize) -> (usize, usize) {
-    if rt.cfg.close_wait != CloseWaitMode::Close {
-        return (0, 0);
-    }
-    let mut checked = 0usize;
-    let mut oldest = Oldest::<8>::new();
-    fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
-        let m = s.load();
-        if checked >= budget || !m.is_tracked() || !m.has(flag::SAW_EOF) {
-            return;
-        }
-        checked += 1;
-        if let Some((ino, idle_ms)) = forgotten(rt, fd, m, s) {
-            oldest.offer(u64::from(idle_ms), fd, m, ino);
-        }
-    });
-    let tried = oldest.iter().count();
-    let mut freed = 0;
-    for &(_, fd, m, ino) in oldest.iter() {
-        if vacate(rt, fd, m, ino) {
-            freed += 1;
-            crate::log::defer(crate::log::Deferred::ReleasedAtEmfile, fd, i64::from(tcp_state::CLOSE_WAIT), 0);
-        }
-    }
-    (freed, tried)
-}
-
-/// The watchdog's version of [`vacate_forgotten`], for any number: near the limit it frees many.
-pub fn vacate_forgotten_many(rt: &Runtime, n: usize) -> usize {
-    if rt.cfg.close_wait != CloseWaitMode::Close {
-        return 0;
-    }
-    let mut all: Vec<(u32, RawFd, Meta, u64)> = Vec::new();
-    fdtable::for_each(0, fdtable::MAX_FD - 1, |fd, s| {
-        let m = s.load();
-        if m.is_tracked() && m.has(flag::SAW_EOF) {
-            if let Some((ino, idle_ms)) = forgotten(rt, fd, m, s) {
-                all.push((idle_ms, fd, m, ino));
-            }
-        }
-    });
-    all.sort_unstable_by_key(|&(idle, fd, _, _)| (core::cmp::Reverse(idle), fd));
-    all.iter().take(n).filter(|&&(_, fd, m, ino)| vacate(rt, fd, m, ino)).count()
 }

@@ -1,0 +1,131 @@
+/*
+ * fork_server - a fork-per-connection server (inetd-style daemons, CGI hosts, PostgreSQL's
+ * postmaster, old sendmail): the parent accepts, forks a child per connection and closes its
+ * copy; the child serves the connection and exits.
+ *
+ * A child reads lines and answers "pong" to each, until EOF. Then, by default, it closes the
+ * connection and exits. With --linger MS it keeps the connection it has seen the end of for MS
+ * milliseconds more, reading it again (each read returns 0) every 20 ms: a long-lived child
+ * that forgot its socket but still calls the C library. With --hold MS it keeps serving for at
+ * least MS milliseconds before it looks for EOF (a long session).
+ *
+ * Just before it exits, a child prints CHILD pid=P threads=T fd=N served=S (T: the threads in
+ * its /proc/self/task). The parent reaps children (SIGCHLD) and on SIGTERM or stdin EOF prints
+ * STATS accepted=A forks=F.
+ *
+ * Usage: fork_server [--linger MS] [--quiet] PORT
+ * stdout: READY port=P, CHILD ..., STATS ...
+ */
+#define _GNU_SOURCE
+#include "common.h"
+#include <sys/wait.h>
+
+static int threads(void)
+{
+    DIR *d = opendir("/proc/self/task");
+    int n = 0;
+    struct dirent *e;
+    if (!d)
+        return -1;
+    while ((e = readdir(d)))
+        if (e->d_name[0] != '.')
+            n++;
+    closedir(d);
+    return n;
+}
+
+static void reap(int sig)
+{
+    (void)sig;
+    int saved = errno;
+    while (waitpid(-1, NULL, WNOHANG) > 0)
+        ;
+    errno = saved;
+}
+
+static void serve(int fd, long linger_ms, int quiet)
+{
+    char buf[4096];
+    long served = 0;
+    for (;;) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        int k = answer_lines(fd, buf, n);
+        if (k < 0)
+            break;
+        served += k;
+    }
+    if (linger_ms > 0) {
+        long long end = now_ms() + linger_ms;
+        while (now_ms() < end) {
+            sleep_ms(20);
+            (void)read(fd, buf, sizeof buf);
+        }
+    }
+    if (!quiet)
+        printf("CHILD pid=%d threads=%d fd=%d served=%ld\n", (int)getpid(), threads(), fd, served);
+    fflush(stdout);
+    close(fd);
+}
+
+int main(int argc, char **argv)
+{
+    long linger_ms = 0;
+    int quiet = 0;
+    static const struct option opts[] = {
+        { "linger", required_argument, 0, 'l' },
+        { "quiet", no_argument, 0, 'q' },
+        { 0, 0, 0, 0 },
+    };
+    int c;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        if (c == 'l')
+            linger_ms = parse_long(optarg, "--linger");
+        else if (c == 'q')
+            quiet = 1;
+        else
+            die("usage: fork_server [--linger MS] [--quiet] PORT");
+    }
+    if (optind != argc - 1)
+        die("usage: fork_server [--linger MS] [--quiet] PORT");
+    proto_init();
+    struct sigaction sa = { 0 };
+    sa.sa_handler = reap;
+    sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
+    sigaction(SIGCHLD, &sa, NULL);
+    int lfd = listen_on(AF_INET, parse_port(argv[optind]), 0, 0);
+    print_ready(lfd);
+    fflush(stdout);
+    long accepted = 0, forks = 0;
+    while (!g_term) {
+        struct pollfd p[2] = { { lfd, POLLIN, 0 }, { 0, POLLIN, 0 } };
+        int r = poll(p, 2, 200);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (p[1].revents & (POLLIN | POLLHUP)) {
+            char b[64];
+            if (read(0, b, sizeof b) <= 0)
+                break;
+        }
+        if (!(p[0].revents & POLLIN))
+            continue;
+        int fd = accept(lfd, NULL, NULL);
+        if (fd < 0)
+            continue;
+        accepted++;
+        pid_t pid = fork();
+        if (pid == 0) {
+            close(lfd);
+            serve(fd, linger_ms, quiet);
+            _exit(0);
+        }
+        if (pid > 0)
+            forks++;
+        close(fd);
+    }
+    printf("STATS accepted=%ld forks=%ld\n", accepted, forks);
+    return 0;
+}
