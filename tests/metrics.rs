@@ -291,3 +291,165 @@ fn the_parser_refuses_what_prometheus_would() {
         assert!(parse_prometheus(bad).is_err(), "accepted ({why}): {bad:?}");
     }
 }
+
+/// Field 22 of /proc/PID/stat: the process's start time, in clock ticks since boot.
+fn start_time(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    s[s.rfind(')').unwrap() + 1..].split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+/// The inode of our PID namespace, as keepfix records it in a file's first line.
+fn pid_ns() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").unwrap().ino()
+}
+
+/// A PID that no process has: a child's, after it was reaped.
+fn dead_pid() -> u32 {
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+/// The keepfix-PID.prom files in `dir`, by PID.
+fn prom_files(dir: &Path) -> BTreeSet<i32> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.ok()?.file_name().into_string().ok()?;
+            n.strip_prefix("keepfix-")?.strip_suffix(".prom")?.parse().ok()
+        })
+        .collect()
+}
+
+/// `prog` under keepfix, writing metrics into `dir` every 100 ms.
+fn writing_into(dir: &MetricsDir, prog: &str) -> Run {
+    Run::new(prog).env("KEEPFIX_METRICS", dir.0.to_str().unwrap()).env("KEEPFIX_SCAN_INTERVAL", "100ms")
+}
+
+/// A keepfix process writing metrics into `dir` every 100 ms.
+fn metrics_server(dir: &MetricsDir) -> Proc {
+    let mut p = writing_into(dir, "echo_server").args(["0"]).spawn();
+    p.port();
+    let file = dir.file_of(p.pid());
+    eventually("the server's metrics file", Duration::from_secs(10), || file.exists());
+    p
+}
+
+/// D7: a SIGKILLed process runs no destructor, and its file stayed for ever. The next live
+/// keepfix process to write into the directory removes it, and keeps the files of the living.
+/// Fails without the sweep: the dead process's file is still there.
+#[test]
+fn a_killed_process_file_is_removed_by_a_live_process() {
+    let dir = MetricsDir::new("killed");
+    let mut victim = metrics_server(&dir);
+    let victim_pid = victim.pid();
+    let text = std::fs::read_to_string(dir.file_of(victim_pid)).unwrap();
+    let first = text.lines().next().unwrap();
+    assert_eq!(
+        first,
+        format!("# keepfix pid={victim_pid} start={} pidns={}", start_time(victim_pid as u32), pid_ns()),
+        "the file's first line says which process wrote it"
+    );
+    victim.child.kill().unwrap(); // SIGKILL
+    victim.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(dir.file_of(victim_pid).exists(), "SIGKILL ran a destructor? the test proves nothing");
+
+    // A file of an older keepfix (no first line) of a dead PID goes too.
+    let old = dir.file_of(dead_pid() as i32);
+    std::fs::write(&old, "# HELP keepfix_up 1 while keepfix's watchdog runs in this process.\n").unwrap();
+
+    let live = metrics_server(&dir);
+    eventually("the killed process's file is removed", Duration::from_secs(10), || {
+        !dir.file_of(victim_pid).exists() && !old.exists()
+    });
+    // A second live process's sweep (before its first write) keeps the first one's file.
+    let other = metrics_server(&dir);
+    assert_eq!(prom_files(&dir.0), BTreeSet::from([live.pid(), other.pid()]));
+}
+
+/// D7, PID reuse: a file whose PID now belongs to another program (another start time) is
+/// removed; one whose PID and start time match a living process, one from another PID namespace,
+/// and a live keepfix process's are kept. Fails without the sweep: the reused PID's file stays.
+#[test]
+fn a_file_whose_pid_now_belongs_to_another_program_is_removed() {
+    let dir = MetricsDir::new("reused");
+    let sleeper = ChildGuard(std::process::Command::new("sleep").arg("60").spawn().unwrap());
+    let sleeper2 = ChildGuard(std::process::Command::new("sleep").arg("60").spawn().unwrap());
+    let (pid, pid2) = (sleeper.0.id(), sleeper2.0.id());
+    let body = "# HELP keepfix_up 1 while keepfix's watchdog runs in this process.\n# TYPE keepfix_up gauge\n";
+    // Written by an earlier process with this PID: another start time.
+    let reused = dir.file_of(pid as i32);
+    std::fs::write(&reused, format!("# keepfix pid={pid} start={} pidns={}\n{body}", start_time(pid) + 1, pid_ns()))
+        .unwrap();
+    // The identity matches the process at that PID: kept.
+    let matching = dir.file_of(pid2 as i32);
+    std::fs::write(&matching, format!("# keepfix pid={pid2} start={} pidns={}\n{body}", start_time(pid2), pid_ns()))
+        .unwrap();
+    // Another PID namespace's PID means nothing here (a container sharing the directory): kept.
+    let dead = dead_pid();
+    let foreign = dir.file_of(dead as i32);
+    std::fs::write(&foreign, format!("# keepfix pid={dead} start=1 pidns={}\n{body}", pid_ns() + 1)).unwrap();
+    // Another tool's file in the collector's directory: never touched.
+    let unrelated = dir.0.join("node_other.prom");
+    std::fs::write(&unrelated, body).unwrap();
+
+    let live = metrics_server(&dir);
+    // The sweep that removes it (before the live server's first write) keeps the others.
+    eventually("the reused PID's file is removed", Duration::from_secs(10), || !reused.exists());
+    assert!(matching.exists(), "a file whose process lives was removed");
+    assert!(foreign.exists(), "a file of another PID namespace was removed");
+    assert!(unrelated.exists(), "another tool's file was removed");
+    assert!(dir.file_of(live.pid()).exists());
+}
+
+/// Kills and reaps a child at the end of a test.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// D7, fork: each pre-forked worker writes its own file under its own PID (the parent's file
+/// is the parent's). A SIGKILLed worker's file goes at a live process's next write; the workers'
+/// `_exit()` runs no destructor, so the parent, which reaped them, removes their files at its
+/// exit. Fails without the sweep: a worker's file outlives it.
+#[test]
+fn forked_workers_write_their_own_files_and_none_outlives_the_run() {
+    let dir = MetricsDir::new("prefork");
+    let mut p = writing_into(&dir, "prefork_server").args(["--workers", "2", "0"]).spawn();
+    let workers: BTreeSet<i32> = (0..2).map(|_| field(&p.expect("WORKER"), "pid").parse().unwrap()).collect();
+    let port = p.port();
+    let parent = p.pid();
+    // Each worker leaks a connection (CLOSE_WAIT), so each has work for its own watchdog.
+    let mut served = BTreeSet::new();
+    for _ in 0..50 {
+        drop(ping(port));
+        served.insert(field(&p.expect("ACCEPT"), "pid").parse::<i32>().unwrap());
+        if served == workers {
+            break;
+        }
+    }
+    assert_eq!(served, workers, "both workers accepted");
+    let all: BTreeSet<i32> = workers.iter().copied().chain([parent]).collect();
+    eventually("a file for the parent and each worker", Duration::from_secs(10), || prom_files(&dir.0) == all);
+    for pid in &all {
+        let m = read_metrics(&dir.file_of(*pid)).unwrap();
+        assert_eq!(m["keepfix_up"].samples[0].0.get("pid"), Some(&pid.to_string()), "the file of {pid}");
+        let text = std::fs::read_to_string(dir.file_of(*pid)).unwrap();
+        assert!(text.starts_with(&format!("# keepfix pid={pid} start={} ", start_time(*pid as u32))), "{text}");
+    }
+    let killed = *workers.iter().next().unwrap();
+    // SAFETY: signalling our child's child.
+    unsafe { libc::kill(killed, libc::SIGKILL) };
+    // Each of the two processes left sweeps every 5 s (src/watchdog/metrics.rs, SWEEP_EVERY_MS).
+    eventually("the killed worker's file is removed", Duration::from_secs(15), || !dir.file_of(killed).exists());
+    let (_, status) = p.stop();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(prom_files(&dir.0), BTreeSet::new(), "files left after the run");
+}

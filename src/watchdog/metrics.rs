@@ -2,6 +2,17 @@
 //! text format at every scan (a temporary file renamed over the old one, so a reader never sees
 //! half a file), for node_exporter's textfile collector. The file is removed at normal exit.
 //!
+//! The dead leave files too (SIGKILL, SIGTERM without a handler, `_exit` in a forked child), and a
+//! collector would export them for ever. So the file's first line says which process wrote it
+//! (`# keepfix pid=P start=S pidns=N`: the start time from /proc/PID/stat, field 22, in clock
+//! ticks since boot, and the PID namespace's inode), and before a write the watchdog sweeps the
+//! directory (at most every 5 s, and every N s when it holds N files of other processes: each
+//! process spends what one file's check costs, about 20 µs, a second, however many share the
+//! directory): it removes the files of PIDs that no longer exist, and of PIDs that now belong to
+//! another process (another start time). A file it cannot judge stays:
+//! one from another PID namespace, one without that line, one whose process /proc hides
+//! (hidepid). An abandoned temporary file (older than a minute) goes too.
+//!
 //! Socket states are keepfix's view, from the fd table and the CLOSE_WAIT detector: no system
 //! call per socket, so writing metrics costs a table walk.
 
@@ -18,9 +29,43 @@ use core::fmt::Write as _;
 pub struct Writer {
     /// `DIR/keepfix-PID.prom`, and the temporary name beside it.
     path: Option<(String, String)>,
+    /// The directory, for the sweep.
+    dir: String,
     program: String,
     failed_logged: bool,
+    /// The file's first line: which process wrote it. `None` without /proc (then no sweep: the
+    /// other processes could not be checked either).
+    identity: Option<Identity>,
+    /// When the directory is swept next (monotonic ms; 0: at the first write).
+    sweep_at_ms: u64,
 }
+
+/// What tells this process from a later one with the same PID, and the PIDs of one namespace
+/// from another's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity {
+    pid: i32,
+    /// /proc/PID/stat field 22: clock ticks since boot when the process started (exec keeps it).
+    start: u64,
+    /// The inode of /proc/self/ns/pid.
+    pidns: u64,
+}
+
+/// The sweep runs at most this often (poked ticks near the fd limit come every millisecond)...
+const SWEEP_EVERY_MS: u64 = 5000;
+/// ... and waits this long per file of another process it saw: N processes sharing a directory
+/// check N files each, every N seconds.
+const SWEEP_PER_FILE_MS: u64 = 1000;
+/// A temporary file lives for one write (microseconds); one older than this was abandoned.
+const TMP_ABANDONED_S: i64 = 60;
+
+/// This process's identity, for the destructor's sweep (its pid is a parent's in a forked child
+/// that never wrote: then no sweep).
+static EXIT_ID: (core::sync::atomic::AtomicI32, core::sync::atomic::AtomicU64, core::sync::atomic::AtomicU64) = (
+    core::sync::atomic::AtomicI32::new(0),
+    core::sync::atomic::AtomicU64::new(0),
+    core::sync::atomic::AtomicU64::new(0),
+);
 
 /// The file this process writes, for the destructor to remove.
 static mut PATH: [u8; 600] = [0; 600];
@@ -37,22 +82,45 @@ impl Writer {
         if let Some((p, _)) = &path {
             remember(p);
         }
-        Writer { path, program: rt.program.clone(), failed_logged: false }
+        let dir = rt.cfg.metrics_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default();
+        let identity = own_identity(pid);
+        if let Some(id) = identity {
+            use core::sync::atomic::Ordering::Relaxed;
+            EXIT_ID.0.store(id.pid, Relaxed);
+            EXIT_ID.1.store(id.start, Relaxed);
+            EXIT_ID.2.store(id.pidns, Relaxed);
+        }
+        Writer { path, dir, program: rt.program.clone(), failed_logged: false, identity, sweep_at_ms: 0 }
     }
 
     pub fn write(&mut self, detector: &Detector, monitor: &Monitor, now: u64) {
         let Some((path, tmp)) = &self.path else { return };
-        let text = render(detector, monitor, now, &self.program);
+        if let Some(id) = self.identity {
+            if now >= self.sweep_at_ms {
+                let (_, seen) = sweep(&self.dir, &id);
+                self.sweep_at_ms = now + SWEEP_EVERY_MS.max(seen as u64 * SWEEP_PER_FILE_MS);
+            }
+        }
+        let mut text = match self.identity {
+            Some(id) => header(&id),
+            None => format!("# keepfix pid={}\n", sys::getpid()),
+        };
+        text.push_str(&render(detector, monitor, now, &self.program));
         // A failure is said once, and so is the recovery: a stale file never goes unnoticed.
         use core::sync::atomic::Ordering::*;
-        if WRITING.compare_exchange(0, 1, AcqRel, Acquire).is_err() {
-            return; // exiting
+        let me = sys::getpid();
+        // The state may be a parent's: fork() copied it while the parent's watchdog was writing.
+        match WRITING.compare_exchange(0, me, AcqRel, Acquire) {
+            Ok(_) => {}
+            Err(EXITING) => return,
+            Err(other) if other != me && WRITING.compare_exchange(other, me, AcqRel, Acquire).is_ok() => {}
+            Err(_) => return,
         }
         let written = write_atomically(path, tmp, text.as_bytes());
         if written.is_err() {
             let _ = rustix::fs::unlink(tmp.as_str());
         }
-        let _ = WRITING.compare_exchange(1, 0, AcqRel, Acquire);
+        let _ = WRITING.compare_exchange(me, 0, AcqRel, Acquire);
         match written {
             Err(e) if !self.failed_logged => {
                 self.failed_logged = true;
@@ -81,19 +149,22 @@ fn remember(p: &str) {
 }
 
 /// At normal exit: the file goes, so a dead process leaves no stale figures behind.
-/// The file's writer and the destructor exclude each other: 0 idle, 1 the watchdog is writing,
-/// 2 the process is exiting (no more writes: a rename after the destructor's unlink would leave
-/// a dead process's file behind).
-static WRITING: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+/// The file's writer and the destructor exclude each other: 0 idle, a PID while that process's
+/// watchdog is writing, [`EXITING`] once the process is exiting (no more writes: a rename after
+/// the destructor's unlink would leave a dead process's file behind). A PID, not a flag: a forked
+/// child copies the word, and a parent's write under way at the fork is not the child's.
+static WRITING: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
+const EXITING: i32 = -1;
 
 pub fn remove_at_exit() {
     use core::sync::atomic::Ordering::*;
-    // Wait (at most 200 ms: a write is a few system calls) for a write under way to end.
+    let me = sys::getpid();
+    // Wait (at most 200 ms: a write is a few system calls) for a write of ours under way to end.
     let deadline = sys::now_ms() + 200;
-    while WRITING.compare_exchange(0, 2, AcqRel, Acquire).is_err_and(|s| s == 1) && sys::now_ms() < deadline {
+    while WRITING.compare_exchange(0, EXITING, AcqRel, Acquire).is_err_and(|s| s == me) && sys::now_ms() < deadline {
         rustix::thread::sched_yield();
     }
-    WRITING.store(2, Release);
+    WRITING.store(EXITING, Release);
     if !PATH_SET.load(Acquire) {
         return;
     }
@@ -102,8 +173,18 @@ pub fn remove_at_exit() {
     let len = p.iter().position(|&c| c == 0).unwrap_or(0);
     if let Some(Ok(path)) = p.get(..len).map(core::str::from_utf8) {
         // Only the file of this process (a forked child has its own).
-        if path.ends_with(&format!("/keepfix-{}.prom", sys::getpid())) {
+        if path.ends_with(&format!("/keepfix-{me}.prom")) {
             let _ = rustix::fs::unlink(path);
+        }
+        // The workers a parent reaped before it returned from main() died with _exit(), which
+        // runs no destructor: their files go now, or they would stay until another keepfix
+        // process writes into this directory.
+        let id =
+            Identity { pid: EXIT_ID.0.load(Relaxed), start: EXIT_ID.1.load(Relaxed), pidns: EXIT_ID.2.load(Relaxed) };
+        if id.pid == me {
+            if let Some(dir) = path.rsplit_once('/').map(|(d, _)| d) {
+                sweep(if dir.is_empty() { "/" } else { dir }, &id);
+            }
         }
     }
 }
@@ -280,6 +361,136 @@ pub fn render(detector: &Detector, _monitor: &Monitor, now: u64, program: &str) 
     o
 }
 
+/// The file's first line: `# keepfix pid=P start=S pidns=N`.
+fn header(id: &Identity) -> String {
+    format!("# keepfix pid={} start={} pidns={}\n", id.pid, id.start, id.pidns)
+}
+
+/// The identity in a file's first line; `None` if it has none (or not all of it).
+fn parse_header(text: &[u8]) -> Option<Identity> {
+    let line = text.split(|&b| b == b'\n').next()?;
+    let line = core::str::from_utf8(line).ok()?.strip_prefix("# keepfix ")?;
+    let (mut pid, mut start, mut pidns) = (None, None, None);
+    for w in line.split(' ') {
+        match w.split_once('=') {
+            Some(("pid", v)) => pid = v.parse().ok(),
+            Some(("start", v)) => start = v.parse().ok(),
+            Some(("pidns", v)) => pidns = v.parse().ok(),
+            _ => {}
+        }
+    }
+    Some(Identity { pid: pid?, start: start?, pidns: pidns? })
+}
+
+fn own_identity(pid: i32) -> Option<Identity> {
+    let pidns = rustix::fs::stat("/proc/self/ns/pid").ok()?.st_ino;
+    Some(Identity { pid, start: start_time(pid)?, pidns })
+}
+
+/// Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot. `None` if
+/// the file cannot be read (no such process, or /proc hides it).
+fn start_time(pid: i32) -> Option<u64> {
+    use rustix::fs::{Mode, OFlags};
+    let f = crate::hooksafe::ownfd::Temp::open(&format!("/proc/{pid}/stat"), OFlags::RDONLY, Mode::empty()).ok()?;
+    let mut buf = [0u8; 1024];
+    let n = f.with(|b| rustix::io::read(b, &mut buf).ok())??;
+    parse_start_time(buf.get(..n)?)
+}
+
+/// `PID (comm) S ppid …`: the comm may hold spaces and parentheses, so fields count from the
+/// last `)`. Field 22 is the 20th after it.
+fn parse_start_time(stat: &[u8]) -> Option<u64> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = core::str::from_utf8(stat.get(close + 1..)?).ok()?;
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+/// The PID in a name this code writes: `keepfix-PID.prom`, or `.keepfix-PID.prom.tmp` (true).
+fn file_pid(name: &[u8]) -> Option<(i32, bool)> {
+    let name = core::str::from_utf8(name).ok()?;
+    let (digits, tmp) = match name.strip_prefix(".keepfix-").and_then(|r| r.strip_suffix(".prom.tmp")) {
+        Some(d) => (d, true),
+        None => (name.strip_prefix("keepfix-")?.strip_suffix(".prom")?, false),
+    };
+    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((digits.parse().ok().filter(|&p: &i32| p > 0)?, tmp))
+}
+
+/// Removes the files of the dead from `dir` (see the module's comment). Returns how many went,
+/// and how many files of other processes it looked at.
+fn sweep(dir: &str, me: &Identity) -> (usize, usize) {
+    use rustix::fs::{Mode, OFlags, RawDir};
+    let Ok(d) = crate::hooksafe::ownfd::Temp::open(dir, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()) else {
+        return (0, 0);
+    };
+    let mut found: Vec<(String, i32, bool)> = Vec::new();
+    d.with(|b| {
+        let mut buf = [core::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut it = RawDir::new(b, &mut buf);
+        while let Some(Ok(ent)) = it.next() {
+            let name = ent.file_name().to_bytes();
+            if let Some((pid, tmp)) = file_pid(name) {
+                if pid != me.pid {
+                    found.push((String::from_utf8_lossy(name).into_owned(), pid, tmp));
+                }
+            }
+        }
+    });
+    drop(d);
+    let dir = dir.trim_end_matches('/');
+    let seen = found.len();
+    let mut removed = 0;
+    for (name, pid, tmp) in found {
+        let path = format!("{dir}/{name}");
+        let stale = if tmp { tmp_abandoned(&path) } else { is_stale(&path, pid, me) };
+        if stale && rustix::fs::unlink(path.as_str()).is_ok() {
+            removed += 1;
+        }
+    }
+    (removed, seen)
+}
+
+/// Is the file at `path`, named for `pid`, one of a process that is gone?
+fn is_stale(path: &str, pid: i32, me: &Identity) -> bool {
+    use rustix::fs::{FileType, Mode, OFlags};
+    // No FIFO can block the watchdog, and no symlink is followed.
+    let Ok(f) =
+        crate::hooksafe::ownfd::Temp::open(path, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK, Mode::empty())
+    else {
+        return false;
+    };
+    let mut buf = [0u8; 256];
+    let read = f.with(|b| {
+        let st = rustix::fs::fstat(b).ok()?;
+        (FileType::from_raw_mode(st.st_mode) == FileType::RegularFile).then(|| rustix::io::read(b, &mut buf).ok())?
+    });
+    drop(f);
+    let Some(Some(n)) = read else { return false };
+    let file = parse_header(buf.get(..n).unwrap_or(&[]));
+    let alive = match rustix::process::Pid::from_raw(pid) {
+        // EPERM: it exists, under another user.
+        Some(p) => !matches!(rustix::process::test_kill_process(p), Err(rustix::io::Errno::SRCH)),
+        None => true,
+    };
+    match file {
+        // A PID of another namespace means nothing here.
+        Some(f) if f.pidns != me.pidns || f.pid != pid => false,
+        Some(f) => !alive || start_time(pid).is_some_and(|s| s != f.start),
+        // A file of an older keepfix: only its PID to go by.
+        None => !alive,
+    }
+}
+
+/// A temporary file older than [`TMP_ABANDONED_S`]: its writer died between open and rename.
+fn tmp_abandoned(path: &str) -> bool {
+    let Ok(st) = rustix::fs::lstat(path) else { return false };
+    let (now, _) = sys::wall_time();
+    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+        && now.saturating_sub(st.st_mtime) > TMP_ABANDONED_S
+}
+
 /// A label value: backslash, quote and newline escaped, as the text format wants.
 /// The `action` label of keepfix_close_wait_actions_total: the `close_wait` line's action name
 /// (kept_sigpipe counts as logged, dead as shutdown).
@@ -289,4 +500,26 @@ fn action(a: Action) -> String {
 
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_lines() {
+        assert_eq!(file_pid(b"keepfix-123.prom"), Some((123, false)));
+        assert_eq!(file_pid(b".keepfix-9.prom.tmp"), Some((9, true)));
+        for bad in
+            ["keepfix-.prom", "keepfix-0.prom", "keepfix-01.prom", "keepfix-1x.prom", "node.prom", "keepfix-1.prom.tmp"]
+        {
+            assert_eq!(file_pid(bad.as_bytes()), None, "{bad}");
+        }
+        let id = Identity { pid: 42, start: 123456, pidns: 4026531836 };
+        assert_eq!(parse_header(format!("{}# HELP x\n", header(&id)).as_bytes()), Some(id));
+        assert_eq!(parse_header(b"# keepfix pid=42\n"), None);
+        assert_eq!(parse_header(b"# HELP keepfix_up 1\n"), None);
+        let stat = b"42 (a) b) (c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_start_time(stat), Some(987654));
+    }
 }
