@@ -23,8 +23,10 @@ pub struct KeepfixFigures {
     pub shut_down: u64,
     /// accept() calls that failed with EMFILE or ENFILE.
     pub emfile_events: u64,
-    /// Open fds at keepfix's last count.
+    /// Open fds, as keepfix counted them for its last write; a lower bound when
+    /// `fds_used_exact` is false (keepfix could take no count: keepfix_fds_used_min).
     pub fds_used: u64,
+    pub fds_used_exact: bool,
 }
 
 /// The metrics file of `pid`, if its environment turns metrics on.
@@ -65,6 +67,7 @@ pub fn read(path: &Path) -> Option<KeepfixFigures> {
     if !samples.iter().any(|s| s.name == "keepfix_up") {
         return None;
     }
+    let counted = samples.iter().any(|s| s.name == "keepfix_fds_used");
     Some(KeepfixFigures {
         file: path.display().to_string(),
         age_seconds,
@@ -73,7 +76,8 @@ pub fn read(path: &Path) -> Option<KeepfixFigures> {
         released: value("keepfix_close_wait_actions_total", Some(("action", "vacated"))),
         shut_down: value("keepfix_close_wait_actions_total", Some(("action", "shutdown"))),
         emfile_events: value("keepfix_emfile_total", None),
-        fds_used: value("keepfix_fds_used", None),
+        fds_used: if counted { value("keepfix_fds_used", None) } else { value("keepfix_fds_used_min", None) },
+        fds_used_exact: counted,
     })
 }
 

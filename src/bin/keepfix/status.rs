@@ -24,7 +24,7 @@ JSON (--json): {\"processes\": [PROCESS, ...]}, one PROCESS per PID read, where 
   close_wait        [{fd, local, peer, recv_q, send_q}]: each fd in CLOSE_WAIT (queues in bytes)
   keepfix_metrics   null, or keepfix's figures from KEEPFIX_METRICS=DIR/keepfix-PID.prom:
                     {file, age_seconds, close_wait_found, close_wait_held, released (fd numbers
-                     freed in close mode), shut_down, emfile_events, fds_used}";
+                     freed in close mode), shut_down, emfile_events, fds_used, fds_used_exact (false: fds_used is a lower bound)}";
 
 /// Show fds, TCP socket states and CLOSE_WAIT sockets of processes
 #[derive(Args)]
@@ -372,8 +372,14 @@ fn details(p: &ProcessStatus) -> String {
     if let Some(m) = &p.keepfix_metrics {
         text += &format!("  keepfix's figures ({}, written {:.0}s ago):\n", m.file, m.age_seconds);
         text += &format!(
-            "    CLOSE_WAIT found {}, numbers freed {}, shut down {}, held now {}; EMFILE events {}; fds used {}\n",
-            m.close_wait_found, m.released, m.shut_down, m.close_wait_held, m.emfile_events, m.fds_used
+            "    CLOSE_WAIT found {}, numbers freed {}, shut down {}, held now {}; EMFILE events {}; fds used {}{}\n",
+            m.close_wait_found,
+            m.released,
+            m.shut_down,
+            m.close_wait_held,
+            m.emfile_events,
+            if m.fds_used_exact { "" } else { "at least " },
+            m.fds_used
         );
     }
     text
