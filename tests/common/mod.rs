@@ -596,14 +596,17 @@ fn skip_allowed() -> bool {
     std::env::var(ALLOW_SKIP).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
-/// `tests/NAME.rs TEST`, for messages: the test binary's name without cargo's hash, and the test's
-/// name (libtest names each test's thread after it).
-fn this_test() -> String {
+/// NAME of tests/NAME.rs: the test binary's name without cargo's hash.
+fn test_file() -> String {
     let exe = std::env::current_exe().ok();
     let stem = exe.as_deref().and_then(Path::file_stem).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let file = stem.rsplit_once('-').map_or(stem.as_str(), |(f, _)| f).to_string();
-    let thread = std::thread::current();
-    match thread.name() {
+    stem.rsplit_once('-').map_or(stem.as_str(), |(f, _)| f).to_string()
+}
+
+/// `tests/NAME.rs TEST`, for messages (libtest names each test's thread after the test).
+fn this_test() -> String {
+    let file = test_file();
+    match std::thread::current().name() {
         Some(n) if n != "main" => format!("tests/{file}.rs {n}"),
         _ => format!("tests/{file}.rs"),
     }
@@ -632,7 +635,8 @@ extern "C" fn print_skipped() {
 
 /// Returns `met`. When it is false, fails the test with `what` is missing and `how` to get it,
 /// unless skipping is allowed (KFX_ALLOW_SKIP=1, outside CI): then records the skip and returns
-/// false, and the caller returns.
+/// false, and the caller returns. The failure points at the caller's line.
+#[track_caller]
 pub fn require(met: bool, what: &str, how: &str) -> bool {
     if met {
         return true;
@@ -653,7 +657,7 @@ pub fn require(met: bool, what: &str, how: &str) -> bool {
         libc::atexit(print_skipped);
     });
     eprintln!("SKIPPED: {test} needs {what}: {how}");
-    SKIPPED.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{test}: needs {what} ({how})"));
+    SKIPPED.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{test}: needs {what}; {how}"));
     false
 }
 
@@ -663,11 +667,12 @@ pub fn is_root() -> bool {
 }
 
 /// True when running as root; otherwise see [`require`]. `why`: what the test does with root.
+#[track_caller]
 pub fn require_root(why: &str) -> bool {
     require(
         is_root(),
         &format!("root ({why})"),
-        "run it as root, as CI does: sudo -E env PATH=\"$PATH\" cargo test --test NAME",
+        &format!("run it as root, as CI does: sudo -E env PATH=\"$PATH\" cargo test --test {}", test_file()),
     )
 }
 
@@ -687,6 +692,7 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
 
 /// The path of the command `name`; when it is missing, see [`require`]: `package` is the Debian
 /// package that has it (`.ci/run` installs it).
+#[track_caller]
 pub fn require_tool(name: &str, package: &str) -> Option<PathBuf> {
     let found = find_tool(name);
     if found.is_none() {
