@@ -547,3 +547,21 @@ fn json_parses_and_every_field_is_documented_in_help() {
         assert!(help.contains(&k), "JSON field {k} is not documented in rescue --help");
     }
 }
+
+#[test]
+fn watch_stops_with_1_when_the_process_exits() {
+    let mut server = Run::new("echo_server").plain().args(["0"]).spawn();
+    server.port();
+    let pid = server.pid();
+    let mut w = Run::path(keepfix_bin()).plain().args(["rescue", "--watch", "50ms", &pid.to_string()]).spawn();
+    w.expect("pass 2");
+    drop(server); // killed and reaped: its pid may be reused, keepfix's pidfd still names the old process
+    let mut status = None;
+    eventually("keepfix rescue --watch ends", Duration::from_secs(10), || {
+        status = w.child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert_eq!(status.unwrap().code(), Some(1));
+    let err = w.stderr();
+    assert!(err.contains(&format!("process {pid}:")) && err.contains("no process left to watch"), "{err}");
+}

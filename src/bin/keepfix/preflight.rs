@@ -32,6 +32,7 @@ pub struct ProcStatus {
     pub sig_ign: u64,
     pub sig_cgt: u64,
     pub cap_eff: u64,
+    pub threads: u32,
     /// 0 none, 1 strict, 2 filter; None on a kernel built without seccomp.
     pub seccomp: Option<u8>,
 }
@@ -63,6 +64,7 @@ fn parse_status(text: &str) -> ProcStatus {
             "SigIgn" => s.sig_ign = hex(),
             "SigCgt" => s.sig_cgt = hex(),
             "CapEff" => s.cap_eff = hex(),
+            "Threads" => s.threads = value.parse().unwrap_or(0),
             "Seccomp" => s.seccomp = value.parse().ok(),
             _ => {}
         }
@@ -226,9 +228,20 @@ impl Preflight {
     }
 }
 
-/// A process that passed the preflight: its pidfd, to take duplicates with.
+/// An open pidfd of the process: every duplicate is taken through it, so that a pid reused by
+/// another process after this one exited (during a pass, or between --watch passes) is never
+/// touched: pidfd_getfd then fails with ESRCH.
 pub struct Access {
     pub pidfd: OwnedFd,
+}
+
+impl Access {
+    /// Is the process still running? (A pidfd polls readable once the process has exited.)
+    pub fn alive(&self) -> bool {
+        let mut fds = [rustix::event::PollFd::new(&self.pidfd, rustix::event::PollFlags::IN)];
+        let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+        matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(0))
+    }
 }
 
 /// The kernel release, and whether it is at least `MIN_KERNEL`.
@@ -263,25 +276,52 @@ fn is_descendant(pid: u32) -> bool {
     false
 }
 
-/// Can keepfix take a duplicate of its own fd? Not under a seccomp filter that forbids
-/// pidfd_getfd (Docker's default profile without CAP_SYS_PTRACE).
-fn own_getfd_works() -> bool {
-    let Ok(pidfd) = rustix::process::pidfd_open(rustix::process::getpid(), PidfdFlags::empty()) else {
-        return false;
-    };
-    rustix::process::pidfd_getfd(&pidfd, pidfd.as_raw_fd(), PidfdGetfdFlags::empty()).is_ok()
+/// Can keepfix take a duplicate of its own fd? Not on a kernel without pidfd_getfd, nor under a
+/// seccomp filter that forbids it (Docker's default profile without CAP_SYS_PTRACE).
+fn own_getfd() -> Result<(), Errno> {
+    let pidfd = rustix::process::pidfd_open(rustix::process::getpid(), PidfdFlags::empty())?;
+    rustix::process::pidfd_getfd(&pidfd, pidfd.as_raw_fd(), PidfdGetfdFlags::empty()).map(drop)
+}
+
+/// Opens the process (once: a --watch keeps it). Refuses when keepfix cannot take duplicates at
+/// all (kernel, keepfix's own seccomp filter) or the process does not exist.
+pub fn open(pid: u32) -> Result<Access, Refusal> {
+    let (kernel, kernel_ok) = kernel();
+    let keepfix_seccomp = Seccomp::of(proc_status(None).unwrap_or_default().seccomp);
+    if let Err(e) = own_getfd() {
+        let err = errno_text(e);
+        return Err(if keepfix_seccomp == Seccomp::Filter {
+            Refusal::new(
+                pid,
+                Reason::Seccomp,
+                format!(
+                    "keepfix runs under a seccomp filter that forbids pidfd_open or pidfd_getfd ({err}); \
+                     Docker's default profile allows them only with CAP_SYS_PTRACE (--cap-add SYS_PTRACE)"
+                ),
+            )
+        } else if !kernel_ok || e == Errno::NOSYS {
+            Refusal::new(
+                pid,
+                Reason::Kernel,
+                format!(
+                    "kernel {kernel} has no pidfd_getfd ({err}); Linux {}.{} or later is needed",
+                    MIN_KERNEL.0, MIN_KERNEL.1
+                ),
+            )
+        } else {
+            Refusal::new(pid, Reason::Kernel, format!("pidfd_getfd fails even on keepfix's own fd: {err}"))
+        });
+    }
+    match rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty()) {
+        Ok(pidfd) => Ok(Access { pidfd }),
+        Err(Errno::SRCH) => Err(Refusal::new(pid, Reason::Gone, "no such process")),
+        Err(e) => Err(Refusal::new(pid, Reason::Kernel, format!("pidfd_open failed: {}", errno_text(e)))),
+    }
 }
 
 /// The preflight: reads everything it reports and refuses a process rescue cannot work on.
-pub fn check(pid: u32) -> Result<(Preflight, Access), Refusal> {
-    let (kernel, kernel_ok) = kernel();
-    if !kernel_ok {
-        return Err(Refusal::new(
-            pid,
-            Reason::Kernel,
-            format!("kernel {kernel} has no pidfd_getfd (Linux {}.{} or later is needed)", MIN_KERNEL.0, MIN_KERNEL.1),
-        ));
-    }
+pub fn check(pid: u32, access: &Access) -> Result<Preflight, Refusal> {
+    let (kernel, _) = kernel();
     let gone = |detail: &str| Refusal::new(pid, Reason::Gone, format!("no such process{detail}"));
     let status = match proc_status(Some(pid)) {
         Ok(s) => s,
@@ -294,8 +334,17 @@ pub fn check(pid: u32) -> Result<(Preflight, Access), Refusal> {
             ));
         }
     };
+    // What /proc says is about the pidfd's process only while that one is alive (its pid cannot
+    // be reused before it is reaped).
+    if !access.alive() {
+        return Err(gone(" (it has exited)"));
+    }
     if matches!(status.state, 'Z' | 'X') {
-        return Err(gone(" (it has exited: a zombie waiting for its parent)"));
+        return Err(gone(if status.threads > 1 {
+            " (its main thread has exited; its other threads run on, but their fds cannot be reached through it)"
+        } else {
+            " (it has exited: a zombie waiting for its parent)"
+        }));
     }
     let me = proc_status(None).unwrap_or_default();
     let keepfix_uid = rustix::process::geteuid().as_raw();
@@ -314,18 +363,6 @@ pub fn check(pid: u32) -> Result<(Preflight, Access), Refusal> {
         ));
     }
     let keepfix_seccomp = Seccomp::of(me.seccomp);
-    let pidfd = match rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty()) {
-        Ok(fd) => fd,
-        Err(Errno::SRCH) => return Err(gone("")),
-        Err(e) if keepfix_seccomp == Seccomp::Filter => {
-            return Err(Refusal::new(
-                pid,
-                Reason::Seccomp,
-                format!("pidfd_open failed ({}); keepfix itself runs under a seccomp filter", errno_text(e)),
-            ));
-        }
-        Err(e) => return Err(Refusal::new(pid, Reason::Kernel, format!("pidfd_open failed: {}", errno_text(e)))),
-    };
     let fds = match crate::procfs::fds(pid) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(gone("")),
@@ -348,17 +385,17 @@ pub fn check(pid: u32) -> Result<(Preflight, Access), Refusal> {
         }
     };
     // One duplicate, closed at once, proves that the others will work: pidfd_getfd checks ptrace
-    // access (PTRACE_MODE_ATTACH_REALCREDS), which Yama and seccomp can forbid.
+    // access (PTRACE_MODE_ATTACH_REALCREDS), which Yama can forbid.
     for fd in fds.iter().filter(|f| f.socket_inode.is_some()).chain(fds.iter()) {
-        match rustix::process::pidfd_getfd(&pidfd, fd.fd, PidfdGetfdFlags::empty()) {
+        match rustix::process::pidfd_getfd(&access.pidfd, fd.fd, PidfdGetfdFlags::empty()) {
             Ok(_duplicate) => break,
             Err(Errno::BADF) => continue, // closed meanwhile
             Err(Errno::SRCH) => return Err(gone("")),
-            Err(e) => return Err(getfd_refusal(pid, e, &status, yama, cap_sys_ptrace, keepfix_seccomp)),
+            Err(e) => return Err(getfd_refusal(pid, e, &status, yama, cap_sys_ptrace)),
         }
     }
     let (soft_limit, hard_limit) = crate::procfs::nofile_limits(pid).unwrap_or((None, None));
-    let preflight = Preflight {
+    Ok(Preflight {
         kernel,
         keepfix_uid,
         target_uid: status.uids[0],
@@ -369,8 +406,7 @@ pub fn check(pid: u32) -> Result<(Preflight, Access), Refusal> {
         keepfix_seccomp,
         sigpipe: status.sigpipe(),
         fds: FdUse { used: fds.len(), soft_limit, hard_limit },
-    };
-    Ok((preflight, Access { pidfd }))
+    })
 }
 
 fn pid_of(pid: u32) -> Result<Pid, Refusal> {
@@ -380,15 +416,9 @@ fn pid_of(pid: u32) -> Result<Pid, Refusal> {
         .ok_or_else(|| Refusal::new(pid, Reason::Gone, "no such process (not a valid pid)"))
 }
 
-/// Why pidfd_getfd was refused: Yama, keepfix's own seccomp filter, or plain permission.
-fn getfd_refusal(
-    pid: u32,
-    e: Errno,
-    status: &ProcStatus,
-    yama: Option<u8>,
-    cap_sys_ptrace: bool,
-    keepfix_seccomp: Seccomp,
-) -> Refusal {
+/// Why pidfd_getfd was refused: Yama, or plain permission (keepfix's own seccomp filter was ruled
+/// out by `open`).
+fn getfd_refusal(pid: u32, e: Errno, status: &ProcStatus, yama: Option<u8>, cap_sys_ptrace: bool) -> Refusal {
     let err = errno_text(e);
     match yama {
         Some(3) => {
@@ -420,16 +450,6 @@ fn getfd_refusal(
             );
         }
         _ => {}
-    }
-    if keepfix_seccomp == Seccomp::Filter && !own_getfd_works() {
-        return Refusal::new(
-            pid,
-            Reason::Seccomp,
-            format!(
-                "pidfd_getfd failed ({err}): keepfix runs under a seccomp filter that forbids it (Docker's \
-                 default profile allows it only with CAP_SYS_PTRACE: --cap-add SYS_PTRACE)"
-            ),
-        );
     }
     let keepfix_uid = rustix::process::geteuid().as_raw();
     let why = if status.uids[0] != keepfix_uid && !cap_sys_ptrace {

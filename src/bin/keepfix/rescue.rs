@@ -827,11 +827,11 @@ fn raise_nofile(pid: u32, dry_run: bool) -> NofileEntry {
 
 /// Rescues one process: preflight, keepalive on every TCP socket, shutdown of the CLOSE_WAIT
 /// ones, the soft fd limit, and a last look.
-pub fn rescue_pid(pid: u32, s: &Settings) -> Result<ProcessRescue, Refusal> {
-    let (preflight, access) = preflight::check(pid)?;
+pub fn rescue_pid(pid: u32, access: &Access, s: &Settings) -> Result<ProcessRescue, Refusal> {
+    let preflight = preflight::check(pid, access)?;
     let program = procfs::comm(pid).unwrap_or_else(|_| "?".into());
-    let scan = scan(pid, &access, s)?;
-    let close_wait = shut_down(pid, &access, &scan.candidates, s)?;
+    let scan = scan(pid, access, s)?;
+    let close_wait = shut_down(pid, access, &scan.candidates, s)?;
     let mut report = ProcessRescue {
         pid,
         program,
@@ -848,10 +848,10 @@ pub fn rescue_pid(pid: u32, s: &Settings) -> Result<ProcessRescue, Refusal> {
     // The release step (--release) goes here: it takes `report.shut_down()` (fd, inode, peer of
     // each socket shut down in this pass), re-verifies each under its stop, and puts its own
     // report in `report.release`.
-    if s.raise_nofile {
+    if s.raise_nofile && access.alive() {
         report.nofile = Some(raise_nofile(pid, s.dry_run));
     }
-    report.after = snapshot(pid, &access)?;
+    report.after = snapshot(pid, access)?;
     report.summary = summarise(&report);
     Ok(report)
 }
@@ -1021,6 +1021,8 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
     }
     let mut pids = args.pids.clone();
     pids.dedup();
+    // Each process is opened once (a pidfd), and every later pass works through the same pidfd.
+    let mut opened: Vec<(u32, Access)> = Vec::new();
     let mut failed_any = false;
     let mut pass = 0u64;
     loop {
@@ -1028,7 +1030,15 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
         let mut processes = Vec::new();
         let mut failed = Vec::new();
         for &pid in &pids {
-            match rescue_pid(pid, &s) {
+            let access = match opened.iter().position(|(p, _)| *p == pid) {
+                Some(i) => Ok(i),
+                None => preflight::open(pid).map(|a| {
+                    opened.push((pid, a));
+                    opened.len() - 1
+                }),
+            };
+            let result = access.and_then(|i| rescue_pid(pid, &opened[i].1, &s));
+            match result {
                 Ok(r) => processes.push(r),
                 Err(refusal) => {
                     output::error(&refusal.message);
