@@ -565,3 +565,65 @@ fn watch_stops_with_1_when_the_process_exits() {
     let err = w.stderr();
     assert!(err.contains(&format!("process {pid}:")) && err.contains("no process left to watch"), "{err}");
 }
+
+#[test]
+fn keepfix_inside_a_seccomp_sandbox_that_forbids_pidfd_getfd_says_so_with_1() {
+    let mut p = Run::new("echo_server").plain().args(["0"]).spawn();
+    p.port();
+    let o = Command::new(c_program("rescue_seccomp_exec"))
+        .arg(keepfix_bin())
+        .args(["rescue", "--json", &p.pid().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["failed"][0]["reason"], "seccomp", "{v}");
+    assert!(text(&o.stderr).contains("CAP_SYS_PTRACE"), "{}", text(&o.stderr));
+    assert!(!keepalive_of(p.pid(), listener_fd(p.pid())).on, "nothing was changed");
+}
+
+#[test]
+fn connections_queued_before_the_rescue_are_counted_and_a_second_pass_covers_them() {
+    let mut p = Run::new("echo_server").plain().args(["0"]).spawn();
+    let port = p.port();
+    let pid = p.pid();
+    // Stopped, the server accepts nothing: this connection waits in the accept queue, its
+    // handshake done before the listener had keepalive.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let mut queued = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (code, v) = rescue_json(&[&pid.to_string()]);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(code, 0, "{v}");
+    let listener =
+        process(&v)["keepalive"].as_array().unwrap().iter().find(|k| k["role"] == "listener").unwrap().clone();
+    assert_eq!(listener["accept_queue"], 1, "{v}");
+    queued.write_all(b"ping\n").unwrap();
+    let mut b = [0u8; 5];
+    queued.read_exact(&mut b).unwrap();
+    let fd = server_side(pid, &queued).fd;
+    assert_eq!(keepalive_of(pid, fd), kernel_default_ka(), "queued before: not inherited");
+    let (code, _) = rescue_json(&[&pid.to_string()]);
+    assert_eq!(code, 0);
+    assert_eq!(keepalive_of(pid, fd), ka(60, 10, 6), "the second pass covers it");
+}
+
+#[test]
+fn watch_holds_no_duplicate_between_passes() {
+    let mut p = Run::new("echo_server").plain().args(["0"]).spawn();
+    let port = p.port();
+    let pid = p.pid();
+    let mut early = ping(port);
+    let mut w = Run::path(keepfix_bin()).plain().args(["rescue", "--watch", "50ms", &pid.to_string()]).spawn();
+    w.expect("pass 3");
+    // echo_server closes at EOF. Had keepfix kept its duplicate of that socket, the close would
+    // not be the last reference: no FIN would reach the client while the watch runs.
+    early.shutdown(std::net::Shutdown::Write).unwrap();
+    early.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 16];
+    assert_eq!(early.read(&mut b).unwrap(), 0, "the client gets the server's FIN");
+    p.expect("CLOSE fd=");
+    let (_, status) = w.stop();
+    assert_eq!(status.code(), Some(0));
+}

@@ -218,11 +218,13 @@ impl Preflight {
             .map(|s| format!(" ({}%)", self.fds.used as u64 * 100 / s))
             .unwrap_or_default();
         let limit = |l: Option<u64>| l.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+        let near = self.fds.soft_limit.is_some_and(|s| s > 0 && self.fds.used as u64 * 100 / s >= 80);
         l.push(format!(
-            "fds:       {} used of soft limit {}{percent}, hard limit {}",
+            "fds:       {} used of soft limit {}{percent}, hard limit {}{}",
             self.fds.used,
             limit(self.fds.soft_limit),
-            limit(self.fds.hard_limit)
+            limit(self.fds.hard_limit),
+            if near { ": near the limit (rescue frees no fd; --raise-nofile buys time)" } else { "" }
         ));
         l
     }
@@ -487,5 +489,19 @@ mod tests {
         let caught = parse_status("SigIgn:\t0\nSigCgt:\t0000000000001002\n");
         assert_eq!(caught.sigpipe(), Sigpipe::Caught);
         assert_eq!(parse_status("SigIgn:\t0000000000000800\nSigCgt:\t0\n").sigpipe(), Sigpipe::Default);
+    }
+
+    #[test]
+    fn yama_and_permission_are_told_apart() {
+        let other_uid = ProcStatus { uids: [4242; 4], ..ProcStatus::default() };
+        let reason = |yama, cap| getfd_refusal(1, Errno::PERM, &other_uid, yama, cap).reason;
+        assert_eq!(reason(Some(3), true), Reason::Yama);
+        assert_eq!(reason(Some(2), false), Reason::Yama);
+        assert_eq!(reason(Some(1), false), Reason::Yama); // pid 1 is no descendant of the test
+        assert_eq!(reason(Some(2), true), Reason::Permission);
+        assert_eq!(reason(Some(0), false), Reason::Permission);
+        assert_eq!(reason(None, false), Reason::Permission);
+        let m = getfd_refusal(1, Errno::PERM, &other_uid, Some(1), false).message;
+        assert!(m.starts_with("process 1: ") && m.contains("ptrace_scope is 1"), "{m}");
     }
 }

@@ -896,9 +896,16 @@ fn details(r: &ProcessRescue, s: &Settings) -> String {
     t += &format!("  before:     {}\n", snapshot_line(&r.before));
     let m = &r.summary;
     t += &format!(
-        "  keepalive:  {}set on {} of {} TCP sockets ({} listeners); {} already as strict; {} the program's \
+        "  keepalive:  {}set on {} of {} TCP sockets ({} listener{}); {} already as strict; {} the program's \
          (--respect-app); {} failed\n",
-        would, m.keepalive_set, m.tcp_sockets, m.listeners, m.keepalive_kept, m.keepalive_app, m.keepalive_failed
+        would,
+        m.keepalive_set,
+        m.tcp_sockets,
+        m.listeners,
+        if m.listeners == 1 { "" } else { "s" },
+        m.keepalive_kept,
+        m.keepalive_app,
+        m.keepalive_failed
     );
     let changed: Vec<&KeepaliveEntry> = r
         .keepalive
@@ -1019,8 +1026,12 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
             })?;
         }
     }
-    let mut pids = args.pids.clone();
-    pids.dedup();
+    let mut pids: Vec<u32> = Vec::new();
+    for &pid in &args.pids {
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
     // Each process is opened once (a pidfd), and every later pass works through the same pidfd.
     let mut opened: Vec<(u32, Access)> = Vec::new();
     let mut failed_any = false;
