@@ -41,11 +41,12 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
                     the process's TCP fds by state (TCP_INFO through the duplicate, so CLOSE too)
                     before anything was done and after
   keepalive        [{fd, inode, role (listener, connection), state, local, peer, before, after,
-                    action, error, accept_queue}]: every TCP socket. before/after are {on, idle_s, intvl_s, cnt,
-                    user_timeout_ms}; after is what the socket has now (under --dry-run: what it
-                    would get). action: set, would_set, kept (already at least as strict), app
-                    (--respect-app: keepalive was on), failed (error says why). accept_queue (a
-                    listener's, else null): connections queued before, which did not inherit
+                    action, error, accept_queue}]: every TCP socket. before/after are {on, idle_s,
+                    intvl_s, cnt, user_timeout_ms}; after is what the socket has now (under
+                    --dry-run: what it would get). action: set, would_set, kept (already at least
+                    as strict), app (--respect-app: keepalive was on), failed (error says why).
+                    accept_queue (a listener's, else null): connections queued before, which did
+                    not inherit
   close_wait       [{fd, inode, local, peer, idle_ms, recv_q, send_q, action, error}]: every socket
                     found in CLOSE_WAIT. action: shut_down, would_shut_down, refused_sigpipe, recent
                     (idle less than --after), sending (unsent or unacknowledged bytes), changed (no
