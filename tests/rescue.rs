@@ -18,6 +18,13 @@
 //! - --json parses, and every field it has is documented in --help.
 //!
 //! Under CI=true a missing `go`, `prlimit` or root is a failure, never a skip.
+//!
+//! Checked to fail with the feature removed (src/bin/keepfix/rescue.rs, preflight.rs): no
+//! setsockopt (keepalive tests), the program's value never winning (the Go test), no SIGPIPE
+//! guard (the guard test: the refused server dies), --dry-run ignored, the select() cap or the
+//! prlimit itself gone (raise_nofile), --after ignored or no shutdown (close_wait), no TracerPid
+//! check (traced), the permission or seccomp reason misnamed, --watch doing one pass, a
+//! duplicate kept (mem::forget) across passes, the accept queue not read.
 mod common;
 use common::*;
 use serde_json::Value;
