@@ -9,7 +9,8 @@
 //! - the stricter value wins: Go's 15 s idle stays, its 15 s interval and the kernel's 9 probes
 //!   become 10 s and 6; --respect-app leaves Go's sockets alone;
 //! - CLOSE_WAIT shut down after --after, with the server still serving, a live connection
-//!   untouched and a file-writing thread seeing no error; before --after, nothing;
+//!   untouched and a file-writing thread seeing no error; before --after, nothing; unread data
+//!   only with --include-unread, and still readable after;
 //! - the SIGPIPE guard: a SIG_DFL server is refused without --force and survives a late write;
 //!   with --force the same write kills it (why the guard exists);
 //! - --dry-run changes nothing; --raise-nofile stops at 1024 for a select() program;
@@ -633,4 +634,34 @@ fn watch_holds_no_duplicate_between_passes() {
     p.expect("CLOSE fd=");
     let (_, status) = w.stop();
     assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn unread_data_is_left_alone_unless_include_unread_and_stays_readable() {
+    let mut p = Run::new("leak_noread_server").plain().args(["0"]).spawn();
+    let port = p.port();
+    let pid = p.pid();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"request\n").unwrap();
+    p.expect("ACCEPT");
+    drop(c);
+    eventually("CLOSE_WAIT", Duration::from_secs(5), || close_wait_count(pid) == 1);
+    let (code, v) = rescue_json(&["--after", "0s", &pid.to_string()]);
+    assert_eq!(code, 0, "{v}");
+    let entry = &process(&v)["close_wait"][0];
+    assert_eq!((entry["action"].as_str(), entry["recv_q"].as_u64()), (Some("unread"), Some(8)), "{v}");
+    assert_eq!(close_wait_count(pid), 1, "left alone: the program may still read it and answer");
+
+    let (code, v) = rescue_json(&["--after", "0s", "--include-unread", &pid.to_string()]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(process(&v)["close_wait"][0]["action"], "shut_down", "{v}");
+    eventually("no CLOSE_WAIT left", Duration::from_secs(5), || close_wait_count(pid) == 0);
+    // The shutdown lost nothing the program had not read: through a duplicate, the bytes, then EOF.
+    let fd = process(&v)["close_wait"][0]["fd"].as_i64().unwrap() as i32;
+    let dup = grab_fd(pid, fd);
+    let mut s = TcpStream::from(dup);
+    let mut got = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"request\n");
 }

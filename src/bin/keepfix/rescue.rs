@@ -49,7 +49,8 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
                     not inherit
   close_wait       [{fd, inode, local, peer, idle_ms, recv_q, send_q, action, error}]: every socket
                     found in CLOSE_WAIT. action: shut_down, would_shut_down, refused_sigpipe, recent
-                    (idle less than --after), sending (unsent or unacknowledged bytes), changed (no
+                    (idle less than --after), sending (unsent or unacknowledged bytes), unread
+                    (received data the program has not read; --include-unread), changed (no
                     longer the same socket in CLOSE_WAIT when keepfix acted), failed
   close            [{fd, inode, local}]: sockets in CLOSE (reset, timed out, or never connected),
                     their fd still open; ss and sock_diag cannot see them
@@ -71,7 +72,8 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
         value wins, so keepfix never loosens what the program set. A listener passes the options on \
         to every connection it accepts later.\n\
         - every socket in CLOSE_WAIT idle (TCP_INFO: no data received, no ack received, no data \
-        sent) for at least --after is shut down (shutdown SHUT_RDWR): the peer gets its FIN, the \
+        sent) for at least --after, with nothing unsent and nothing left unread (unless \
+        --include-unread), is shut down (shutdown SHUT_RDWR): the peer gets its FIN, the \
         program's pollers wake, its reads return 0, its writes fail with EPIPE. Not where SIGPIPE \
         is at its default disposition (the write would kill the program), unless --force.\n\
         - sockets in CLOSE (reset or timed out, fd still open) are counted and listed.\n\n\
@@ -111,6 +113,10 @@ pub struct RescueArgs {
     /// Shut down even where SIGPIPE is at its default disposition (a later write kills the program)
     #[arg(long)]
     force: bool,
+    /// Shut down CLOSE_WAIT sockets with received data the program has not read yet, too (it may
+    /// still read it and answer; the data stays readable)
+    #[arg(long)]
+    include_unread: bool,
     /// Raise the soft RLIMIT_NOFILE to the hard limit (at most 1024 if the program uses select())
     #[arg(long)]
     raise_nofile: bool,
@@ -135,6 +141,7 @@ pub struct Settings {
     pub respect_app: bool,
     pub after_ms: u64,
     pub force: bool,
+    pub include_unread: bool,
     pub raise_nofile: bool,
     pub dry_run: bool,
 }
@@ -191,6 +198,7 @@ fn settings(args: &RescueArgs) -> Result<(Settings, Option<Duration>), Failure> 
         respect_app: args.respect_app,
         after_ms: c.close_wait_after_ms,
         force: args.force,
+        include_unread: args.include_unread,
         raise_nofile: args.raise_nofile,
         dry_run: args.dry_run,
     };
@@ -444,6 +452,7 @@ pub enum CloseWaitAction {
     RefusedSigpipe,
     Recent,
     Sending,
+    Unread,
     Changed,
     Failed,
 }
@@ -716,6 +725,8 @@ fn shut_down(
         let sigpipe = preflight::proc_status(Some(pid)).map_err(|_| exited(pid))?.sigpipe();
         entry.action = if entry.send_q > 0 {
             CloseWaitAction::Sending
+        } else if entry.recv_q > 0 && !s.include_unread {
+            CloseWaitAction::Unread
         } else if u64::from(entry.idle_ms) < s.after_ms {
             CloseWaitAction::Recent
         } else if sigpipe == Sigpipe::Default && !s.force {
@@ -955,6 +966,7 @@ fn details(r: &ProcessRescue, s: &Settings) -> String {
                 }
                 CloseWaitAction::Recent => format!("left: idle less than --after {}", config::show_ms(s.after_ms)),
                 CloseWaitAction::Sending => "left: data unsent or unacknowledged".into(),
+                CloseWaitAction::Unread => "left: the program has not read what it received (--include-unread)".into(),
                 CloseWaitAction::Changed => "left: closed or changed since the scan".into(),
                 CloseWaitAction::Failed => format!("failed: {}", c.error.clone().unwrap_or_default()),
             };
@@ -1110,6 +1122,7 @@ mod tests {
             respect_app: false,
             after_ms: 30_000,
             force: false,
+            include_unread: false,
             raise_nofile: false,
             dry_run: false,
         }
