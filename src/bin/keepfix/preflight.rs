@@ -180,7 +180,10 @@ impl Preflight {
     /// The preflight as text lines (indented by the caller).
     pub fn lines(&self, force: bool) -> Vec<String> {
         let mut l = Vec::new();
-        l.push(format!("kernel:    {} (pidfd_getfd needs {}.{}): ok", self.kernel, MIN_KERNEL.0, MIN_KERNEL.1));
+        l.push(format!(
+            "kernel:    {} (pidfd_getfd, Linux {}.{}+): works, tried on keepfix's own fd",
+            self.kernel, MIN_KERNEL.0, MIN_KERNEL.1
+        ));
         let access = if self.keepfix_uid == self.target_uid {
             format!("same uid {} as keepfix: ok", self.target_uid)
         } else {
