@@ -767,12 +767,16 @@ fn uses_select(pid: u32) -> (Option<bool>, String) {
     };
     let found = |mut names: Box<dyn Iterator<Item = String> + '_>| names.find(|n| SELECT_SYMBOLS.contains(&n.as_str()));
     if elf.dynamic_symbol_table().is_some() {
+        let count = elf.dynamic_symbols().count();
         let names = elf.dynamic_symbols().filter_map(|s| s.name().ok().map(str::to_string));
         return match found(Box::new(names)) {
             Some(name) => (Some(true), format!("{name} is among {path}'s dynamic symbols")),
             None => (
                 Some(false),
-                format!("no {} among {path}'s dynamic symbols (its libraries are not read)", SELECT_SYMBOLS.join(", ")),
+                format!(
+                    "no select, pselect or __fdelt_chk among {path}'s {count} dynamic symbols (its libraries \
+                     are not read)"
+                ),
             ),
         };
     }
