@@ -187,7 +187,8 @@ impl Preflight {
         let access = if self.keepfix_uid == self.target_uid {
             format!("same uid {} as keepfix: ok", self.target_uid)
         } else {
-            format!("uid {} (keepfix is uid {}, with CAP_SYS_PTRACE): ok", self.target_uid, self.keepfix_uid)
+            let how = if self.cap_sys_ptrace { "with CAP_SYS_PTRACE" } else { "the kernel allows it" };
+            format!("uid {} (keepfix is uid {}, {how}): ok", self.target_uid, self.keepfix_uid)
         };
         l.push(format!("access:    {access}"));
         l.push(format!(

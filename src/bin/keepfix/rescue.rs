@@ -843,9 +843,16 @@ fn raise_nofile(pid: u32, dry_run: bool) -> NofileEntry {
 
 /// Rescues one process: preflight, keepalive on every TCP socket, shutdown of the CLOSE_WAIT
 /// ones, the soft fd limit, and a last look.
-pub fn rescue_pid(pid: u32, access: &Access, s: &Settings) -> Result<ProcessRescue, Refusal> {
+/// `show_preflight` gets the preflight before anything is changed.
+pub fn rescue_pid(
+    pid: u32,
+    access: &Access,
+    s: &Settings,
+    show_preflight: &mut dyn FnMut(&str, &Preflight),
+) -> Result<ProcessRescue, Refusal> {
     let preflight = preflight::check(pid, access)?;
     let program = procfs::comm(pid).unwrap_or_else(|_| "?".into());
+    show_preflight(&program, &preflight);
     let scan = scan(pid, access, s)?;
     let close_wait = shut_down(pid, access, &scan.candidates, s)?;
     let mut report = ProcessRescue {
@@ -901,15 +908,24 @@ fn indent(text: &str, by: &str) -> String {
     text.lines().map(|l| format!("{by}{l}\n")).collect()
 }
 
-/// The full text report on one process.
-fn details(r: &ProcessRescue, s: &Settings) -> String {
-    let would = if s.dry_run { "would " } else { "" };
-    let mut t = format!("PID {} ({}){}\n", r.pid, r.program, if s.dry_run { ", dry run: nothing changed" } else { "" });
-    t += "  preflight:\n";
-    for l in r.preflight.lines(s.force) {
+/// `PID 1234 (name)`, the first line of a process's report.
+fn header(pid: u32, program: &str, s: &Settings) -> String {
+    format!("PID {pid} ({program}){}\n", if s.dry_run { ", dry run: nothing changed" } else { "" })
+}
+
+/// The preflight, printed before anything is changed.
+fn preflight_text(p: &Preflight, s: &Settings) -> String {
+    let mut t = String::from("  preflight:\n");
+    for l in p.lines(s.force) {
         t += &format!("    {l}\n");
     }
-    t += &format!("  before:     {}\n", snapshot_line(&r.before));
+    t
+}
+
+/// The text report on one process after its header and preflight: before, what was done, after.
+fn details(r: &ProcessRescue, s: &Settings) -> String {
+    let would = if s.dry_run { "would " } else { "" };
+    let mut t = format!("  before:     {}\n", snapshot_line(&r.before));
     let m = &r.summary;
     t += &format!(
         "  keepalive:  {}set on {} of {} TCP sockets ({} listener{}); {} already as strict; {} the program's \
@@ -1057,6 +1073,9 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
         pass += 1;
         let mut processes = Vec::new();
         let mut failed = Vec::new();
+        if watch.is_some() && !args.json {
+            output::line(&format!("pass {pass}"));
+        }
         for &pid in &pids {
             let access = match opened.iter().position(|(p, _)| *p == pid) {
                 Some(i) => Ok(i),
@@ -1065,7 +1084,23 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
                     opened.len() - 1
                 }),
             };
-            let result = access.and_then(|i| rescue_pid(pid, &opened[i].1, &s));
+            // Text: the preflight is printed as soon as it is known, before anything changes
+            // (on the first pass; a later one prints only what it did).
+            let mut show = |program: &str, p: &Preflight| {
+                if !args.json && pass == 1 {
+                    output::out(&(header(pid, program, &s) + &preflight_text(p, &s)));
+                }
+            };
+            let result = access.and_then(|i| rescue_pid(pid, &opened[i].1, &s, &mut show));
+            if let (Ok(r), false) = (&result, args.json) {
+                output::out(&if pass == 1 {
+                    details(r, &s)
+                } else if did_something(r) {
+                    header(pid, &r.program, &s) + &details(r, &s)
+                } else {
+                    quiet_line(r)
+                });
+            }
             match result {
                 Ok(r) => processes.push(r),
                 Err(refusal) => {
@@ -1081,15 +1116,6 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
                 if watch.is_some() { serde_json::to_string(&report) } else { serde_json::to_string_pretty(&report) }
                     .map_err(|e| Failure::new(exit::FAILED, format!("cannot write JSON: {e}")))?;
             output::line(&json);
-        } else {
-            let mut text = String::new();
-            if watch.is_some() {
-                text += &format!("pass {pass}\n");
-            }
-            for r in &processes {
-                text += &if pass == 1 || did_something(r) { details(r, &s) } else { quiet_line(r) };
-            }
-            output::out(&text);
         }
         // A process that cannot be rescued (gone, refused) is not tried again.
         pids.retain(|p| !failed.iter().any(|f| f.pid == *p));
