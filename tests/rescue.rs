@@ -13,6 +13,7 @@
 //!   only with --include-unread, and still readable after;
 //! - the SIGPIPE guard: a SIG_DFL server is refused without --force and survives a late write;
 //!   with --force the same write kills it (why the guard exists);
+//! - sockets in CLOSE with the fd open (a reset peer) are counted and listed, though no table has them;
 //! - --dry-run changes nothing; --raise-nofile stops at 1024 for a select() program;
 //! - exit codes: 1 for a gone PID, an already traced process, another uid's process (each named
 //!   with the reason), 2 for bad arguments; --watch repeats and ends with 0 on SIGTERM;
@@ -664,4 +665,26 @@ fn unread_data_is_left_alone_unless_include_unread_and_stays_readable() {
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     s.read_to_end(&mut got).unwrap();
     assert_eq!(got, b"request\n");
+}
+
+#[test]
+fn sockets_in_close_with_the_fd_open_are_counted_and_listed() {
+    let mut p = Run::new("leak_eof_server").plain().args(["0"]).spawn();
+    let port = p.port();
+    let pid = p.pid();
+    let reset = ping(port);
+    close_with_rst(reset); // the server's read gets ECONNRESET and forgets the fd: CLOSE
+    let line = p.expect("READ_ERR");
+    let fd: i32 = field(&line, "fd").parse().unwrap();
+    let inode = socket_fds(pid).into_iter().find(|(f, _)| *f == fd).expect("the fd is still open").1;
+    assert!(!proc_net_tcp().contains_key(&inode), "a socket in CLOSE is in no table (ss cannot see it)");
+    let (code, v) = rescue_json(&[&pid.to_string()]);
+    assert_eq!(code, 0, "{v}");
+    let r = process(&v);
+    assert_eq!(r["before"]["tcp_states"]["close"], 1, "{v}");
+    let close = r["close"].as_array().unwrap();
+    assert_eq!(close.len(), 1, "{v}");
+    assert_eq!((close[0]["fd"].as_i64(), close[0]["inode"].as_u64()), (Some(fd.into()), Some(inode)), "{v}");
+    let o = keepfix(&["rescue", &pid.to_string()]);
+    assert!(text(&o.stdout).contains("CLOSE:      1"), "{}", text(&o.stdout));
 }
