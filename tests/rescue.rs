@@ -688,3 +688,17 @@ fn sockets_in_close_with_the_fd_open_are_counted_and_listed() {
     let o = keepfix(&["rescue", &pid.to_string()]);
     assert!(text(&o.stdout).contains("CLOSE:      1"), "{}", text(&o.stdout));
 }
+
+#[test]
+fn the_preflight_says_whether_keepfix_is_loaded() {
+    let mut plain = Run::new("echo_server").plain().args(["0"]).spawn();
+    plain.port();
+    let mut under = Run::new("echo_server").args(["0"]).spawn();
+    under.port();
+    let (code, v) = rescue_json(&["--dry-run", &plain.pid().to_string(), &under.pid().to_string()]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["processes"][0]["preflight"]["keepfix_loaded"], false, "{v}");
+    assert_eq!(v["processes"][1]["preflight"]["keepfix_loaded"], true, "{v}");
+    // Under keepfix the listener already has keepfix's options: nothing to set.
+    assert_eq!(v["processes"][1]["summary"]["keepalive_kept"], 1, "{v}");
+}

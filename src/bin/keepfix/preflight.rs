@@ -174,6 +174,8 @@ pub struct Preflight {
     pub keepfix_seccomp: Seccomp,
     pub sigpipe: Sigpipe,
     pub fds: FdUse,
+    /// libkeepfix.so is mapped in the process (null: /proc/PID/maps unreadable).
+    pub keepfix_loaded: Option<bool>,
 }
 
 impl Preflight {
@@ -199,6 +201,14 @@ impl Preflight {
             }
         ));
         l.push("traced:    no (TracerPid 0)".into());
+        l.push(format!(
+            "keepfix:   {}",
+            match self.keepfix_loaded {
+                Some(true) => "libkeepfix.so is loaded in it: its own keepalive and CLOSE_WAIT handling run already",
+                Some(false) => "not loaded (restart it under `keepfix run` for the lasting cure)",
+                None => "unknown (cannot read /proc/PID/maps)",
+            }
+        ));
         l.push(format!(
             "seccomp:   {} (no bearing without --release); keepfix's own: {}",
             self.seccomp.name(),
@@ -412,6 +422,7 @@ pub fn check(pid: u32, access: &Access) -> Result<Preflight, Refusal> {
         keepfix_seccomp,
         sigpipe: status.sigpipe(),
         fds: FdUse { used: fds.len(), soft_limit, hard_limit },
+        keepfix_loaded: crate::procfs::has_keepfix(pid).ok(),
     })
 }
 

@@ -35,7 +35,8 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
   pid, program     number; string (comm)
   preflight        {kernel, keepfix_uid, target_uid, cap_sys_ptrace, yama_ptrace_scope (null: no
                     Yama), tracer_pid, seccomp and keepfix_seccomp (none, strict, filter, unknown),
-                    sigpipe (ignored, caught, default), fds: {used, soft_limit, hard_limit}}
+                    sigpipe (ignored, caught, default), fds: {used, soft_limit, hard_limit},
+                    keepfix_loaded (libkeepfix.so mapped in it; null: cannot tell)}
   before, after    {fds, tcp_states: {established, syn_sent, syn_recv, fin_wait1, fin_wait2,
                     time_wait, close, close_wait, last_ack, listen, closing, total}, other_sockets}:
                     the process's TCP fds by state (TCP_INFO through the duplicate, so CLOSE too)
