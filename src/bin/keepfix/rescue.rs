@@ -3,8 +3,9 @@
 //! sockets, one at a time, and through it:
 //! - puts keepalive with keepfix's timings on it (listeners too: their options are copied to every
 //!   connection accepted later), the stricter value winning per option, as in the library;
-//! - shuts down (SHUT_RDWR) a socket left in CLOSE_WAIT for at least `--after`, unless SIGPIPE is
-//!   at its default disposition (a later write would kill the program) and `--force` is not given;
+//! - shuts down (SHUT_RDWR) a socket left idle in CLOSE_WAIT for at least `--after`, with nothing
+//!   unsent and (unless `--include-unread`) nothing unread, unless SIGPIPE is at its default
+//!   disposition (a later write would kill the program) and `--force` is not given;
 //! - closes the duplicate at once (it keeps the socket alive while it is open).
 //!
 //! Every decision is made on the object the duplicate holds (inode, TCP_INFO), never on a number:
