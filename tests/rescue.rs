@@ -702,3 +702,21 @@ fn the_preflight_says_whether_keepfix_is_loaded() {
     // Under keepfix the listener already has keepfix's options: nothing to set.
     assert_eq!(v["processes"][1]["summary"]["keepalive_kept"], 1, "{v}");
 }
+
+#[test]
+fn watch_brings_new_go_connections_to_keepfixs_interval() {
+    let Some(server) = go_server() else { return };
+    let mut p = Run::path(server).plain().args(["0"]).spawn();
+    let port = p.port();
+    let pid = p.pid();
+    let mut w = Run::path(keepfix_bin()).plain().args(["rescue", "--watch", "100ms", &pid.to_string()]).spawn();
+    w.expect("pass 2");
+    // Accepted after the first pass: Go puts its own 15 s interval on it, a later pass fixes it.
+    let new = ping(port);
+    let fd = server_side(pid, &new).fd;
+    eventually("keepfix's 10 s interval on the new connection", Duration::from_secs(10), || {
+        keepalive_of(pid, fd) == ka(15, 10, 6)
+    });
+    let (_, status) = w.stop();
+    assert_eq!(status.code(), Some(0));
+}
