@@ -1,6 +1,7 @@
 //! The `keepfix` command: runs a program with libkeepfix.so preloaded (`run`), shows what a running
 //! process does with its fds and TCP sockets (`status`), validates the KEEPFIX_* environment
-//! (`check`), and shows keepfix at work on a leaky server (`demo`).
+//! (`check`), shows keepfix at work on a leaky server (`demo`), and rescues a running process from
+//! outside (`rescue`).
 //!
 //! It shares the library's configuration parser through `#[path]` and never links or loads the
 //! library itself. This file owns the command line, the exit codes and the error type; each
@@ -21,10 +22,14 @@ mod demo;
 mod library;
 #[path = "keepfix/output.rs"]
 mod output;
+#[path = "keepfix/preflight.rs"]
+mod preflight;
 #[path = "keepfix/procfs.rs"]
 mod procfs;
 #[path = "keepfix/prom.rs"]
 mod prom;
+#[path = "keepfix/rescue.rs"]
+mod rescue;
 #[path = "keepfix/run.rs"]
 mod run;
 #[path = "keepfix/status.rs"]
@@ -73,7 +78,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0    success
   1    status: a requested process could not be read; check: the configuration has errors;
-       demo: keepfix did not fix the leak, or the demo could not run
+       demo: keepfix did not fix the leak, or the demo could not run;
+       rescue: a process could not be rescued
   2    a bad argument or flag value
   3    libkeepfix.so was not found (set KEEPFIX_LIB to its path)
   126  run: the program could not be executed
@@ -100,6 +106,7 @@ enum Command {
     Status(status::StatusArgs),
     Check(check::CheckArgs),
     Demo(demo::DemoArgs),
+    Rescue(Box<rescue::RescueArgs>),
 }
 
 fn main() -> ExitCode {
@@ -109,6 +116,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status::status(&args),
         Command::Check(args) => check::check(&args),
         Command::Demo(args) => demo::demo(&args),
+        Command::Rescue(args) => rescue::rescue(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

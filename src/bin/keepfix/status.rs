@@ -89,7 +89,7 @@ pub struct TcpCounts {
 
 impl TcpCounts {
     /// Counts one fd in `state` (numbers of include/net/tcp_states.h).
-    fn add(&mut self, state: u8) {
+    pub fn add(&mut self, state: u8) {
         let slot = match state {
             1 => &mut self.established,
             2 => &mut self.syn_sent,
@@ -108,7 +108,7 @@ impl TcpCounts {
     }
 
     /// `ESTABLISHED 2, CLOSE_WAIT 3, LISTEN 1`: the states present.
-    fn summary(&self) -> String {
+    pub fn summary(&self) -> String {
         let all = [
             ("ESTABLISHED", self.established),
             ("SYN_SENT", self.syn_sent),
