@@ -437,7 +437,8 @@ fn json_is_valid_on_every_failure_path() {
     let mut p = Run::new("echo_server").plain().args(["0"]).spawn();
     p.port();
     let pid = p.pid();
-    let mut w = Run::path(keepfix_bin()).plain().args(["rescue", "--json", "--watch", "50ms", &pid.to_string()]).spawn();
+    let mut w =
+        Run::path(keepfix_bin()).plain().args(["rescue", "--json", "--watch", "50ms", &pid.to_string()]).spawn();
     w.expect("{");
     drop(p);
     let (lines, status) = w.finish();

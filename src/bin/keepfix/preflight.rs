@@ -25,6 +25,8 @@ const SIGPIPE_BIT: u32 = 13 - 1;
 #[derive(Clone, Debug, Default)]
 pub struct ProcStatus {
     pub state: char,
+    /// The thread group (process) the id belongs to: not the id itself for a thread's id.
+    pub tgid: u32,
     pub ppid: u32,
     pub tracer_pid: u32,
     /// Real, effective, saved and filesystem uid.
@@ -54,6 +56,7 @@ fn parse_status(text: &str) -> ProcStatus {
         let hex = || u64::from_str_radix(value, 16).unwrap_or(0);
         match key {
             "State" => s.state = value.chars().next().unwrap_or('?'),
+            "Tgid" => s.tgid = value.parse().unwrap_or(0),
             "PPid" => s.ppid = value.parse().unwrap_or(0),
             "TracerPid" => s.tracer_pid = value.parse().unwrap_or(0),
             "Uid" => {

@@ -92,25 +92,25 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
 )]
 pub struct RescueArgs {
     /// Processes to rescue
-    #[arg(value_name = "PID", required = true, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(value_name = "PID", required = true, value_parser = clap::value_parser!(u32).range(1..=i64::from(i32::MAX)))]
     pids: Vec<u32>,
     /// Idle time before the first keepalive probe (default 60s)
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     idle: Option<String>,
     /// Time between probes (default 10s)
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     intvl: Option<String>,
     /// Unanswered probes before the connection is dropped (default 6)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
     cnt: Option<String>,
     /// TCP_USER_TIMEOUT: a duration, auto (idle + intvl x cnt) or off (default off: left alone)
-    #[arg(long, value_name = "DURATION|auto|off")]
+    #[arg(long, value_name = "DURATION|auto|off", allow_hyphen_values = true)]
     user_timeout: Option<String>,
     /// Touch only sockets without keepalive: the program's settings stay, even looser ones
     #[arg(long)]
     respect_app: bool,
     /// How long a socket must sit idle in CLOSE_WAIT before it is shut down (default 30s; 0s allowed)
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     after: Option<String>,
     /// Shut down even where SIGPIPE is at its default disposition (a later write kills the program)
     #[arg(long)]
@@ -123,7 +123,7 @@ pub struct RescueArgs {
     #[arg(long)]
     raise_nofile: bool,
     /// Repeat every DURATION (new sockets, outbound ones too, get keepalive) until SIGINT or SIGTERM
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     watch: Option<String>,
     /// Change nothing; say what would be done
     #[arg(long)]
@@ -1066,6 +1066,20 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
         if !pids.contains(&pid) {
             pids.push(pid);
         }
+    }
+    // A thread's id has a /proc entry too, but pidfd_open refuses it: say what it is.
+    let threads: Vec<String> = pids
+        .iter()
+        .filter_map(|&pid| {
+            let tgid = preflight::proc_status(Some(pid)).ok()?.tgid;
+            (tgid != 0 && tgid != pid).then(|| {
+                format!("PID {pid} is a thread of process {tgid} (a thread id, not a process id): give {tgid}")
+            })
+        })
+        .collect();
+    if !threads.is_empty() {
+        threads.iter().for_each(|t| output::error(t));
+        return Err(Failure::reported(exit::USAGE));
     }
     // Each process is opened once (a pidfd), and every later pass works through the same pidfd.
     let mut opened: Vec<(u32, Access)> = Vec::new();
