@@ -63,18 +63,18 @@ fn a_socket_swapped_in_at_the_number_between_scan_and_shutdown_is_left_alone() {
         p.expect("SWAPPED");
         let cw = close_wait_entries(&v);
         let at_na = cw.iter().find(|c| c["fd"] == na).unwrap_or_else(|| panic!("no entry for fd {na}: {v}"));
-        if at_na["action"] == "shut_down" {
-            // Rescue reached NA's shutdown before the program swapped: no attack happened.
-            assert_eq!(at_na["inode"], inode_a, "{v}");
-            eprintln!("attempt {attempt}: the swap came too late, again with more fillers");
-            continue;
-        }
-        assert_eq!(at_na["action"], "changed", "{v}");
         assert_eq!(at_na["inode"], inode_a, "the entry names the socket rescue decided on: {v}");
         assert!(!cw.iter().any(|c| c["inode"] == inode_b && c["action"] == "shut_down"), "B was shut down: {v}");
         p.send("check");
         let check = p.expect("CHECK");
-        assert_eq!(field(&check, "b_eof"), "0", "B's client saw a FIN: rescue shut down a socket it never chose");
+        assert_eq!(field(&check, "b_eof"), "0", "B's client saw a FIN: rescue shut down a socket it never chose: {v}");
+        if at_na["action"] == "shut_down" {
+            // Rescue reached NA's shutdown before the program swapped (A was shut down, B not):
+            // the attack did not happen.
+            eprintln!("attempt {attempt}: the swap came too late, again with more fillers");
+            continue;
+        }
+        assert_eq!(at_na["action"], "changed", "{v}");
         assert_eq!(state_of(pid, na as i32), Some(CLOSE_WAIT), "B, now at NA, is still in CLOSE_WAIT");
         return;
     }
