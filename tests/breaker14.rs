@@ -450,3 +450,34 @@ fn json_is_valid_on_every_failure_path() {
     let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(last["failed"][0]["reason"], "gone", "{last}");
 }
+
+// ---- 8. a PID reused during --watch; a container's PID 1 ------------------------------------------
+
+/// In a pid namespace of its own (so that the number can be handed out again on purpose, through
+/// ns_last_pid), the watched process dies and an impostor gets its number before the next pass.
+/// keepfix must not touch the impostor's socket (all its work goes through the pidfd of the
+/// process it opened) and must end with 1, "gone". Fails if a pass opens the number again.
+/// Then, as the namespace's PID 1, the same program is rescued by `keepfix rescue 1`.
+#[test]
+fn a_pid_reused_during_watch_is_not_touched_and_a_containers_pid_1_can_be_rescued() {
+    if !require_root("makes a pid namespace and writes its ns_last_pid") {
+        return;
+    }
+    let Some(unshare) = require_tool("unshare", "util-linux") else { return };
+    let o = Command::new(unshare)
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(c_program("break14_pidns"))
+        .arg(keepfix_bin())
+        .output()
+        .unwrap();
+    let out = text(&o.stdout);
+    let result = out.lines().find(|l| l.starts_with("RESULT")).unwrap_or_else(|| panic!("{out}{}", text(&o.stderr)));
+    assert_eq!(field(result, "impostor"), field(result, "target"), "the number was not reused: {out}");
+    assert_eq!(field(result, "keepalive"), "0", "keepfix set keepalive on the impostor: {out}");
+    assert_eq!(field(result, "keepfix_exit"), "1", "{out}");
+    let last = out.lines().rfind(|l| l.starts_with("KF ")).unwrap();
+    let v: Value = serde_json::from_str(&last[3..]).unwrap();
+    assert_eq!(v["failed"][0]["reason"], "gone", "{out}");
+    let pid1 = out.lines().find(|l| l.starts_with("PID1")).unwrap();
+    assert_eq!((field(pid1, "exit"), field(pid1, "keepalive")), ("0".into(), "1".into()), "{out}");
+}
