@@ -481,3 +481,55 @@ fn a_pid_reused_during_watch_is_not_touched_and_a_containers_pid_1_can_be_rescue
     let pid1 = out.lines().find(|l| l.starts_with("PID1")).unwrap();
     assert_eq!((field(pid1, "exit"), field(pid1, "keepalive")), ("0".into(), "1".into()), "{out}");
 }
+
+// ---- 9. thousands of fds that are not TCP sockets, and a socket in another netns ------------------
+
+/// 2,000 pipe ends, 1,000 eventfds, epoll, timerfd, memfd, /dev/null, UDP and unix sockets
+/// around a CLOSE_WAIT socket, and (as root) a second CLOSE_WAIT socket in another network
+/// namespace, which `ss` and this namespace's /proc/net/tcp do not show. Rescue shuts down both
+/// CLOSE_WAIT sockets and nothing else: every fd still holds its object, every pipe its byte,
+/// every eventfd its count. Fails if rescue touched anything but TCP sockets, or missed the other
+/// namespace's socket.
+#[test]
+fn thousands_of_other_fds_are_untouched_and_a_socket_in_another_netns_is_handled() {
+    let root = is_root();
+    let mut args = vec!["--pipes", "1000", "--eventfds", "1000"];
+    if root {
+        args.push("--netns");
+    } else {
+        assert!(!under_ci(), "under CI the test runs as root");
+    }
+    let mut p = Run::new("break14_mixed").plain().args(args).spawn();
+    let ready = p.expect("READY");
+    let pid = p.pid();
+    let fds: usize = field(&ready, "fds").parse().unwrap();
+    let host_cw: i64 = field(&ready, "host_cw").parse().unwrap();
+    let ns_cw: i64 = field(&ready, "ns_cw").parse().unwrap();
+    let start = std::time::Instant::now();
+    let (code, v) = rescue_json(&["--after", "0s", &pid.to_string()]);
+    let took = start.elapsed();
+    assert_eq!(code, 0, "{v}");
+    let r = &v["processes"][0];
+    assert_eq!(r["before"]["fds"].as_u64(), Some(fds as u64), "{}", r["before"]);
+    assert_eq!(r["before"]["other_sockets"], 2, "the UDP and the unix socket: {}", r["before"]);
+    let shut: Vec<i64> = close_wait_entries(&v)
+        .iter()
+        .filter(|c| c["action"] == "shut_down")
+        .map(|c| c["fd"].as_i64().unwrap())
+        .collect();
+    let mut want = vec![host_cw];
+    if root {
+        want.push(ns_cw);
+    }
+    assert_eq!(shut, want, "{}", r["close_wait"]);
+    p.send("check");
+    let check = p.expect("CHECK");
+    assert_eq!(field(&check, "same"), "1", "an fd changed: {check}");
+    assert_eq!(field(&check, "pipes_ok"), "1000", "{check}");
+    assert_eq!(field(&check, "eventfds_ok"), "1000", "{check}");
+    assert_eq!(field(&check, "host_eof"), "1", "{check}");
+    if root {
+        assert_eq!(field(&check, "ns_eof"), "1", "{check}");
+    }
+    eprintln!("rescue over {fds} fds took {took:?}");
+}
