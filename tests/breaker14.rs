@@ -533,3 +533,17 @@ fn thousands_of_other_fds_are_untouched_and_a_socket_in_another_netns_is_handled
     }
     eprintln!("rescue over {fds} fds took {took:?}");
 }
+
+/// --json with a bad argument: exit 2, nothing on stdout (no half-written JSON), the message on
+/// stderr, as --help says. Fails if --help stops saying it, or if something is printed.
+#[test]
+fn json_with_a_bad_argument_prints_nothing_and_help_says_so() {
+    for args in [&["rescue", "--json", "--after", "soon", "1"][..], &["rescue", "--json", "x"]] {
+        let o = keepfix(args);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(o.stdout.is_empty(), "{args:?}: {}", text(&o.stdout));
+        assert!(!o.stderr.is_empty());
+    }
+    let help = text(&keepfix(&["rescue", "--help"]).stdout);
+    assert!(help.contains("A bad argument (exit 2) prints no JSON"), "{help}");
+}

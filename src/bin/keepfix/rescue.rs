@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 
 const JSON_FIELDS: &str = "\
 JSON (--json): {\"dry_run\", \"pass\", \"processes\": [PROCESS, ...], \"failed\": [FAILED, ...]}; with --watch
-one such object per pass, each on one line. pass counts from 1. FAILED is {pid, reason (gone,
+one such object per pass, each on one line. pass counts from 1. A bad argument (exit 2) prints no JSON, only its
+message on stderr; every other outcome, exit 1 included, prints the object. FAILED is {pid, reason (gone,
 permission, yama, traced, seccomp, kernel), message}. PROCESS is
   pid, program     number; string (comm)
   preflight        {kernel, keepfix_uid, target_uid, cap_sys_ptrace, yama_ptrace_scope (null: no
