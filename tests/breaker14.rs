@@ -222,7 +222,10 @@ fn options(pid: i32, fd: i32) -> Vec<(&'static str, i32)> {
     ]
 }
 
-fn all_options(pid: i32) -> Vec<(i32, u64, Option<u8>, Vec<(&'static str, i32)>)> {
+/// Each socket: fd, inode, TCP state (None: not in /proc/net/tcp), options.
+type SocketView = (i32, u64, Option<u8>, Vec<(&'static str, i32)>);
+
+fn all_options(pid: i32) -> Vec<SocketView> {
     let net = proc_net_tcp();
     socket_fds(pid).into_iter().map(|(fd, ino)| (fd, ino, net.get(&ino).map(|t| t.0), options(pid, fd))).collect()
 }
@@ -293,9 +296,10 @@ fn class_ids(port: u16) -> Vec<String> {
 /// too (and so every connection accepted later), out of the net_cls class its cgroup gave it:
 /// out of tc's cls_cgroup shaping and iptables' `-m cgroup --cgroup` rules. Measured:
 /// class_id 0x100001 -> 0 on the listener and a live connection after `rescue --dry-run`.
+/// Fixed (src/bin/keepfix/netcls.rs: keepfix joins the target's net_cls and net_prio cgroups
+/// before its first duplicate); fails without the join. A real rescue keeps the class too.
 #[test]
-#[ignore = "BROKE: every duplicate (even under --dry-run) resets the sockets' net_cls classid to keepfix's"]
-fn dry_run_keeps_the_sockets_net_cls_class() {
+fn dry_run_and_rescue_keep_the_sockets_net_cls_class() {
     if !require_root("mounts a cgroup-v1 net_cls hierarchy") || require_tool("ss", "iproute2").is_none() {
         return;
     }
@@ -314,6 +318,9 @@ fn dry_run_keeps_the_sockets_net_cls_class() {
     let before = class_ids(port);
     let (code, v) = rescue_json(&["--dry-run", &pid.to_string()]);
     let after = class_ids(port);
+    let (code2, v2) = rescue_json(&[&pid.to_string()]);
+    let after_rescue = class_ids(port);
+    let ka_on = keepalive_on_listener(pid);
     drop(live);
     drop(p);
     std::thread::sleep(Duration::from_millis(100));
@@ -322,6 +329,15 @@ fn dry_run_keeps_the_sockets_net_cls_class() {
     assert_eq!(code, 0, "{v}");
     assert_eq!(before, vec!["0x100001".to_string(); 2], "the listener and the connection in class 1:1");
     assert_eq!(after, before, "--dry-run moved the sockets out of their net_cls class");
+    assert_eq!(code2, 0, "{v2}");
+    assert_eq!(after_rescue, before, "rescue moved the sockets out of their net_cls class");
+    assert!(ka_on, "the rescue did its work");
+}
+
+/// SO_KEEPALIVE of the process's listener, through a duplicate taken by the test: called only
+/// after the last class_ids(), since the test's own duplicate moves the socket's class too.
+fn keepalive_on_listener(pid: i32) -> bool {
+    tcp_fds(pid).iter().find(|t| t.state == LISTEN).is_some_and(|t| so_keepalive(pid, t.fd))
 }
 
 // ---- 6. odd targets ------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ mod check;
 mod demo;
 #[path = "keepfix/library.rs"]
 mod library;
+#[path = "keepfix/netcls.rs"]
+mod netcls;
 #[path = "keepfix/output.rs"]
 mod output;
 #[path = "keepfix/preflight.rs"]

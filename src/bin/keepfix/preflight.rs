@@ -403,6 +403,11 @@ pub fn check(pid: u32, access: &Access) -> Result<Preflight, Refusal> {
             return Err(Refusal::new(pid, Reason::Permission, why));
         }
     };
+    // Every duplicate sets the socket's cgroup-v1 net_cls classid and net_prio index to the
+    // taker's: keepfix first joins the process's cgroups of those (src/bin/keepfix/netcls.rs).
+    if let Err(why) = crate::netcls::join(pid) {
+        return Err(Refusal::new(pid, Reason::Permission, why));
+    }
     // One duplicate, closed at once, proves that the others will work: pidfd_getfd checks ptrace
     // access (PTRACE_MODE_ATTACH_REALCREDS), which Yama can forbid.
     for fd in fds.iter().filter(|f| f.socket_inode.is_some()).chain(fds.iter()) {
