@@ -51,8 +51,9 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
                     accept_queue (a listener's, else null): connections queued before, which did
                     not inherit
   close_wait       [{fd, inode, local, peer, idle_ms, recv_q, send_q, action, error}]: every socket
-                    found in CLOSE_WAIT. action: shut_down, would_shut_down, refused_sigpipe, recent
-                    (idle less than --after), sending (unsent or unacknowledged bytes), unread
+                    found in CLOSE_WAIT. action: shut_down, would_shut_down, refused_sigpipe (SIGPIPE
+                    at its default in the process, or in another process holding the socket, which
+                    error names), recent (idle less than --after), sending (unsent or unacknowledged bytes), unread
                     (received data the program has not read; --include-unread), changed (no
                     longer the same socket in CLOSE_WAIT when keepfix acted), failed
   close            [{fd, inode, local}]: sockets in CLOSE (reset, timed out, or never connected),
@@ -694,6 +695,10 @@ fn shut_down(
     s: &Settings,
 ) -> Result<Vec<CloseWaitEntry>, Refusal> {
     let mut entries = Vec::new();
+    // Other processes holding a candidate (a forked child that inherited it, a socket passed on):
+    // a shutdown reaches them too, so their SIGPIPE counts as much as the target's. Read once,
+    // when the first shutdown is about to happen.
+    let mut holders: Option<std::collections::HashMap<u64, Vec<u32>>> = None;
     for &(fd_num, inode) in candidates {
         let mut entry = CloseWaitEntry {
             fd: fd_num,
@@ -733,6 +738,20 @@ fn shut_down(
         } else if u64::from(entry.idle_ms) < s.after_ms {
             CloseWaitAction::Recent
         } else if sigpipe == Sigpipe::Default && !s.force {
+            CloseWaitAction::RefusedSigpipe
+        } else if let Some(other) = (!s.force)
+            .then(|| {
+                let inodes: Vec<u64> = candidates.iter().map(|c| c.1).collect();
+                let map = holders.get_or_insert_with(|| procfs::socket_holders(&inodes, &[pid, std::process::id()]));
+                map.get(&inode)?
+                    .iter()
+                    .copied()
+                    .find(|h| preflight::proc_status(Some(*h)).is_ok_and(|st| st.sigpipe() == Sigpipe::Default))
+            })
+            .flatten()
+        {
+            let comm = procfs::comm(other).unwrap_or_else(|_| "?".into());
+            entry.error = Some(format!("process {other} ({comm}) holds it too, with SIGPIPE at its default"));
             CloseWaitAction::RefusedSigpipe
         } else if s.dry_run {
             CloseWaitAction::WouldShutDown
@@ -984,9 +1003,10 @@ fn details(r: &ProcessRescue, s: &Settings) -> String {
             let action = match c.action {
                 CloseWaitAction::ShutDown => "shut down".to_string(),
                 CloseWaitAction::WouldShutDown => "would shut down".into(),
-                CloseWaitAction::RefusedSigpipe => {
-                    "refused: SIGPIPE is at its default, a later write would kill the program (--force)".into()
-                }
+                CloseWaitAction::RefusedSigpipe => match &c.error {
+                    Some(holder) => format!("refused: {holder}; a later write would kill it (--force)"),
+                    None => "refused: SIGPIPE is at its default, a later write would kill the program (--force)".into(),
+                },
                 CloseWaitAction::Recent => format!("left: idle less than --after {}", config::show_ms(s.after_ms)),
                 CloseWaitAction::Sending => "left: data unsent or unacknowledged".into(),
                 CloseWaitAction::Unread => "left: the program has not read what it received (--include-unread)".into(),
