@@ -252,6 +252,10 @@ impl Preflight {
 /// touched: pidfd_getfd then fails with ESRCH.
 pub struct Access {
     pub pidfd: OwnedFd,
+    /// When each socket (by inode) was first seen in CLOSE_WAIT, by this pass or an earlier one
+    /// of a --watch: a lower bound on the time since its peer's FIN, which keepalive's ACKs do
+    /// not move (they do move TCP_INFO's last_ack_recv).
+    pub close_wait_since: std::cell::RefCell<std::collections::HashMap<u64, std::time::Instant>>,
 }
 
 impl Access {
@@ -332,7 +336,7 @@ pub fn open(pid: u32) -> Result<Access, Refusal> {
         });
     }
     match rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty()) {
-        Ok(pidfd) => Ok(Access { pidfd }),
+        Ok(pidfd) => Ok(Access { pidfd, close_wait_since: Default::default() }),
         Err(Errno::SRCH) => Err(Refusal::new(pid, Reason::Gone, "no such process")),
         Err(e) => Err(Refusal::new(pid, Reason::Kernel, format!("pidfd_open failed: {}", errno_text(e)))),
     }

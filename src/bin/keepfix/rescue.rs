@@ -76,7 +76,8 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
         value wins, so keepfix never loosens what the program set. A listener passes the options on \
         to every connection it accepts later.\n\
         - every socket in CLOSE_WAIT idle (TCP_INFO: no data received, no ack received, no data \
-        sent) for at least --after, with nothing unsent and nothing left unread (unless \
+        sent; under --watch an ack stops counting once passes have seen the socket in CLOSE_WAIT \
+        for --after, since keepalive probes are answered by acks) for at least --after, with nothing unsent and nothing left unread (unless \
         --include-unread), is shut down (shutdown SHUT_RDWR): the peer gets its FIN, the \
         program's pollers wake, its reads return 0, its writes fail with EPIPE. Not where SIGPIPE \
         is at its default disposition (the write would kill the program), unless --force.\n\
@@ -342,9 +343,12 @@ impl Info {
     }
 
     /// How long nothing has happened on the connection: no data received, no ack received (the
-    /// peer acknowledging what the program sent), no data sent.
-    fn idle_ms(&self) -> u32 {
-        self.last_data_recv_ms.min(self.last_ack_recv_ms).min(self.last_data_sent_ms)
+    /// peer acknowledging what the program sent, or its FIN), no data sent. An ACK counts only
+    /// until the socket has been seen in CLOSE_WAIT for `in_close_wait_ms` (by earlier --watch
+    /// passes): the FIN came before that, and the ACKs since answer keepalive probes (each
+    /// resets last_ack_recv, so with keepalive idle below --after the socket would never be idle).
+    fn idle_ms(&self, in_close_wait_ms: u32) -> u32 {
+        self.last_data_recv_ms.min(self.last_ack_recv_ms.max(in_close_wait_ms)).min(self.last_data_sent_ms)
     }
 }
 
@@ -694,6 +698,8 @@ fn shut_down(
     candidates: &[(i32, u64)],
     s: &Settings,
 ) -> Result<Vec<CloseWaitEntry>, Refusal> {
+    // Forget the sockets no longer in CLOSE_WAIT (closed, shut down, gone to CLOSE).
+    access.close_wait_since.borrow_mut().retain(|ino, _| candidates.iter().any(|c| c.1 == *ino));
     let mut entries = Vec::new();
     // Other processes holding a candidate (a forked child that inherited it, a socket passed on):
     // a shutdown reaches them too, so their SIGPIPE counts as much as the target's. Read once,
@@ -726,7 +732,8 @@ fn shut_down(
         entry.local = show_addr(local_addr(fd));
         entry.peer_addr = peer_addr(fd);
         entry.peer = show_addr(entry.peer_addr);
-        entry.idle_ms = info.idle_ms();
+        let since = *access.close_wait_since.borrow_mut().entry(inode).or_insert_with(Instant::now);
+        entry.idle_ms = info.idle_ms(since.elapsed().as_millis().min(u128::from(u32::MAX)) as u32);
         entry.recv_q = recv_queue(fd);
         entry.send_q = send_queue(fd);
         // SIGPIPE as it is now, not as the preflight saw it.
