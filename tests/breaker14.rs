@@ -174,6 +174,18 @@ fn a_socket_shared_with_a_sig_dfl_child_is_not_shut_down_under_it() {
 
 // ---- 4. keepalive ACKs reset "idle" --------------------------------------------------------------
 
+/// leak_eof_server with one connection whose client has shut down its write side and stays:
+/// the server forgets it in CLOSE_WAIT, the client (FIN_WAIT2) answers keepalive probes.
+fn half_closed_leak() -> (Proc, i32, TcpStream) {
+    let mut p = Run::new("leak_eof_server").plain().args(["0"]).spawn();
+    let port = p.port();
+    let pid = p.pid();
+    let c = ping(port);
+    c.shutdown(Shutdown::Write).unwrap();
+    p.expect("EOF");
+    (p, pid, c)
+}
+
 /// A client half-closes and stays (its side in FIN_WAIT2 answers keepalive probes); the server
 /// forgets the socket in CLOSE_WAIT. Nothing is sent either way for 4 s. Rescue's first pass put
 /// keepalive (1 s idle) on it; every probe's ACK resets TCP_INFO's last_ack_recv, so rescue's
@@ -186,12 +198,7 @@ fn a_socket_shared_with_a_sig_dfl_child_is_not_shut_down_under_it() {
 #[test]
 #[ignore = "BROKE (single passes; documented): keepalive probe ACKs reset last_ack_recv, so a socket whose keepalive idle is below --after is never idle enough"]
 fn a_half_closed_socket_with_keepalive_becomes_idle_enough() {
-    let mut p = Run::new("leak_eof_server").plain().args(["0"]).spawn();
-    let port = p.port();
-    let pid = p.pid();
-    let c = ping(port);
-    c.shutdown(Shutdown::Write).unwrap();
-    p.expect("EOF");
+    let (_p, pid, c) = half_closed_leak();
     let ka = ["--idle", "1s", "--intvl", "1s"];
     let (code, v) = rescue_json(&[&ka[..], &["--after", "1h", &pid.to_string()]].concat());
     assert_eq!(code, 0, "{v}");
@@ -208,12 +215,7 @@ fn a_half_closed_socket_with_keepalive_becomes_idle_enough() {
 /// `Access::close_wait_since` (every pass says "recent", idle below 1 s).
 #[test]
 fn watch_shuts_down_a_half_closed_socket_that_keepalive_acks_keep_recent() {
-    let mut p = Run::new("leak_eof_server").plain().args(["0"]).spawn();
-    let port = p.port();
-    let pid = p.pid();
-    let c = ping(port);
-    c.shutdown(Shutdown::Write).unwrap();
-    p.expect("EOF");
+    let (_p, pid, c) = half_closed_leak();
     let pid_s = pid.to_string();
     let args = ["rescue", "--json", "--watch", "300ms", "--idle", "1s", "--intvl", "1s", "--after", "2s", &pid_s];
     let mut w = Run::path(keepfix_bin()).plain().args(args).spawn();
