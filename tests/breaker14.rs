@@ -172,6 +172,46 @@ fn a_socket_shared_with_a_sig_dfl_child_is_not_shut_down_under_it() {
     );
 }
 
+// ---- 3b. a half-closed client waiting for a late answer: the documented risk ----------------------
+
+/// A client sends its request and half-closes; the server reads it to EOF and answers 2.5 s
+/// later. With --after 5s a rescue during the work leaves the socket ("recent") and the answer
+/// arrives; with --after 1s the socket, idle 1.3 s, is shut down and the late write fails with
+/// EPIPE: the risk README's "Rescue a running server" states ("a program that answers more than
+/// `--after` after its peer's half-close ... gets EPIPE"). Fails if --after is not honoured, or if
+/// README stops saying it.
+#[test]
+fn a_late_answer_is_delivered_within_after_and_lost_past_it_as_readme_says() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let readme = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(readme.contains("a program that answers more than `--after` after its peer's half-close"), "README");
+    for (after, delivered) in [("5s", true), ("1s", false)] {
+        let mut p = Run::new("harm_late_write").plain().args(["--work-ms", "2500", "0"]).spawn();
+        let port = p.port();
+        let pid = p.pid();
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(b"req-7\n").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        p.expect("EOF");
+        std::thread::sleep(Duration::from_millis(1300));
+        let (code, v) = rescue_json(&["--after", after, &pid.to_string()]);
+        assert_eq!(code, 0, "{v}");
+        let action = close_wait_entries(&v)[0]["action"].clone();
+        let write = p.expect("WRITE");
+        let mut got = String::new();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = c.read_to_string(&mut got);
+        if delivered {
+            assert_eq!((action.as_str(), field(&write, "ret").as_str()), (Some("recent"), "13"), "{write}");
+            assert_eq!(got, "answer-for-7\n");
+        } else {
+            assert_eq!(action, "shut_down", "{v}");
+            assert_eq!(field(&write, "errno"), libc::EPIPE.to_string(), "{write}");
+            assert_eq!(got, "");
+        }
+    }
+}
+
 // ---- 4. keepalive ACKs reset "idle" --------------------------------------------------------------
 
 /// leak_eof_server with one connection whose client has shut down its write side and stays:
