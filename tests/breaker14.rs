@@ -302,6 +302,35 @@ fn a_stricter_timing_set_while_keepalive_is_off_is_kept() {
     assert_eq!(field(&accept, "idle"), "5", "the program's connections probe after 60 s now, not 5 s: {accept}");
 }
 
+// ---- 4c. an MPTCP listener (Go 1.24 and later make them by default) -------------------------------
+
+/// Go 1.24 and later listen with IPPROTO_MPTCP by default on Linux. rescue's is_tcp() took only
+/// IPPROTO_TCP, so such a listener was an "other socket": no keepalive on it, and so none on the
+/// connections it accepts later (plain TCP clients fall back to ordinary TCP sockets, which
+/// inherit the listener's options: measured). Fixed: an MPTCP listener gets keepalive as a TCP
+/// one does (MPTCP connections, whose TCP_INFO is their first subflow's, are still left alone).
+/// Fails without the fix.
+#[test]
+fn an_mptcp_listener_gets_keepalive_and_passes_it_on() {
+    let mut p = Run::new("break14_mptcp").plain().args(["0"]).spawn();
+    let first = p.expect_within("", Duration::from_secs(10));
+    if first.starts_with("NOMPTCP") {
+        assert!(!under_ci(), "this kernel has no MPTCP: {first}");
+        return;
+    }
+    let port: u16 = field(&first, "port").parse().unwrap();
+    let pid = p.pid();
+    let (code, v) = rescue_json(&[&pid.to_string()]);
+    assert_eq!(code, 0, "{v}");
+    let r = &v["processes"][0];
+    assert_eq!(r["summary"]["listeners"], 1, "the MPTCP listener is not seen as one: {}", r["before"]);
+    let _c = ping(port);
+    let accept = p.expect("ACCEPT");
+    assert_eq!(field(&accept, "proto"), "6", "a plain TCP client falls back to TCP: {accept}");
+    let fd: i32 = field(&accept, "fd").parse().unwrap();
+    assert_eq!(keepalive_of(pid, fd), ka(60, 10, 6), "a connection accepted after the rescue");
+}
+
 // ---- 5. --dry-run changes nothing ----------------------------------------------------------------
 
 /// Every option keepfix might touch, and a few it should never, of one socket.

@@ -229,7 +229,9 @@ impl Keepalive {
             idle_s: sockopt::tcp_keepidle(fd)?.as_secs() as u32,
             intvl_s: sockopt::tcp_keepintvl(fd)?.as_secs() as u32,
             cnt: sockopt::tcp_keepcnt(fd)?,
-            user_timeout_ms: sockopt::tcp_user_timeout(fd)?,
+            // An MPTCP listener has no TCP_USER_TIMEOUT (EOPNOTSUPP): none is in force.
+            user_timeout_ms: sockopt::tcp_user_timeout(fd)
+                .or_else(|e| if e == Errno::OPNOTSUPP { Ok(0) } else { Err(e) })?,
         })
     }
 
@@ -375,11 +377,19 @@ fn state_name(state: u8) -> &'static str {
     }
 }
 
+/// A TCP socket, or an MPTCP listener (Go 1.24 and later listen with MPTCP by default): it takes
+/// keepalive options and passes them on to the plain TCP connections it accepts from clients
+/// without MPTCP. An MPTCP connection is left alone: its TCP_INFO is only its first subflow's.
 fn is_tcp(fd: BorrowedFd<'_>) -> bool {
+    use rustix::net::ipproto;
     let domain = sockopt::socket_domain(fd);
     matches!(domain, Ok(AddressFamily::INET) | Ok(AddressFamily::INET6))
         && sockopt::socket_type(fd).is_ok_and(|t| t == SocketType::STREAM)
-        && sockopt::socket_protocol(fd).is_ok_and(|p| p == Some(rustix::net::ipproto::TCP))
+        && match sockopt::socket_protocol(fd) {
+            Ok(Some(p)) if p == ipproto::TCP => true,
+            Ok(Some(p)) if p == ipproto::MPTCP => sockopt::socket_acceptconn(fd).unwrap_or(false),
+            _ => false,
+        }
 }
 
 fn local_addr(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
