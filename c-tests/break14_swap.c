@@ -15,10 +15,15 @@
  *   --mode blocked  (nothing at that moment) SIGPIPE is at SIG_DFL but blocked in the only
  *                   thread from the start: a write to a shut-down socket would leave it pending,
  *                   and it kills the process once unblocked. Rescue must count it as default.
+ *   --mode resethand (nothing at that moment) SIGPIPE is caught by a handler installed with
+ *                   SA_RESETHAND, as glibc's signal() does in a program built with -std=c99
+ *                   (System V semantics): it runs once, then SIGPIPE is back at SIG_DFL.
+ * stdin "poke": writes "late\n" to A's and B's server sides, printing POKE fd=N ret=R errno=E
+ * for each (the program answering late).
  * stdin "check": reports whether the client sides of A and B have seen a FIN (a peek that
  * returns 0), i.e. whether their server sides were shut down or closed.
  *
- * Usage: break14_swap --mode swap|sigpipe|blocked [--fillers N]
+ * Usage: break14_swap --mode swap|sigpipe|blocked|resethand [--fillers N]
  * stdout: READY na=NA nb=NB inode_a=I inode_b=J, KEEPALIVE_SEEN after_ms=T, SWAPPED na=NA
  *         | SIGDFL, CHECK a_eof=0|1 b_eof=0|1, TIMEOUT (no keepalive within 60 s)
  */
@@ -31,6 +36,11 @@ static unsigned long inode_of(int fd)
 {
     struct stat st;
     return fstat(fd, &st) == 0 ? (unsigned long)st.st_ino : 0;
+}
+
+static void on_sigpipe(int sig)
+{
+    (void)sig;
 }
 
 static int saw_eof(int fd)
@@ -56,13 +66,21 @@ int main(int argc, char **argv)
         else if (c == 'f')
             fillers = parse_long(optarg, "fillers");
         else
-            die("usage: break14_swap --mode swap|sigpipe|blocked [--fillers N]");
+            die("usage: break14_swap --mode swap|sigpipe|blocked|resethand [--fillers N]");
     }
     int swap = strcmp(mode, "swap") == 0;
-    int blocked = strcmp(mode, "blocked") == 0;
+    int resethand = strcmp(mode, "resethand") == 0;
+    int blocked = strcmp(mode, "blocked") == 0 || resethand; /* nothing to do when keepalive shows */
     if (!swap && !blocked && strcmp(mode, "sigpipe") != 0)
         die("bad --mode '%s'", mode);
-    if (blocked) {
+    if (resethand) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_sigpipe;
+        sa.sa_flags = SA_RESETHAND | SA_NODEFER;
+        sigaction(SIGPIPE, &sa, NULL);
+    }
+    if (blocked && !resethand) {
         sigset_t set;
         sigemptyset(&set);
         sigaddset(&set, SIGPIPE);
@@ -128,6 +146,15 @@ int main(int argc, char **argv)
     while (fgets(line, sizeof line, stdin)) {
         if (strncmp(line, "check", 5) == 0)
             printf("CHECK a_eof=%d b_eof=%d\n", saw_eof(ca), saw_eof(cb));
+        if (strncmp(line, "poke", 4) == 0) {
+            int fds[2] = { sa, swap ? -1 : sb };
+            for (int i = 0; i < 2; i++) {
+                if (fds[i] < 0)
+                    continue;
+                ssize_t r = write(fds[i], "late\n", 5);
+                printf("POKE fd=%d ret=%zd errno=%d\n", fds[i], r, r < 0 ? errno : 0);
+            }
+        }
     }
     return 0;
 }

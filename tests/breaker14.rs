@@ -129,6 +129,31 @@ fn a_blocked_but_default_sigpipe_is_treated_as_default() {
     assert_eq!(field(&check, "b_eof"), "0", "{check}");
 }
 
+/// SIGPIPE caught by a handler installed with SA_RESETHAND (what glibc's signal() gives a program
+/// built with -std=c99: System V semantics, measured here): /proc shows it as caught, so rescue
+/// allows the shutdown of both CLOSE_WAIT sockets; the program's late answers then meet EPIPE
+/// twice: the first SIGPIPE runs the handler and puts SIGPIPE back to SIG_DFL, the second kills
+/// the program. /proc has no sigaction flags, so a no-pause rescue cannot tell; README now says
+/// so. (A fix needs the flags from inside: under --release's stop, an injected
+/// rt_sigaction(SIGPIPE, NULL, &old).)
+#[test]
+#[ignore = "BROKE (undetectable from outside, documented): a one-shot SA_RESETHAND SIGPIPE handler counts as caught; the second late write kills the program"]
+fn a_one_shot_sigpipe_handler_is_not_taken_for_a_lasting_one() {
+    let mut p = Run::new("break14_swap").plain().args(["--mode", "resethand", "--fillers", "10"]).spawn();
+    p.expect("READY");
+    let pid = p.pid();
+    let (code, v) = rescue_json(&["--after", "0s", &pid.to_string()]);
+    assert_eq!(code, 0, "{v}");
+    let actions: Vec<Value> = close_wait_entries(&v).iter().map(|c| c["action"].clone()).collect();
+    p.send("poke");
+    let mut died = None;
+    eventually("both late writes done, or the program dead", Duration::from_secs(5), || {
+        died = p.child.try_wait().unwrap();
+        died.is_some() || p.lines_for(Duration::ZERO).iter().filter(|l| l.starts_with("POKE")).count() == 2
+    });
+    assert!(died.is_none(), "rescue said {actions:?}, and the program died: {died:?}");
+}
+
 // ---- 3. a socket shared with a child whose SIGPIPE is at its default ----------------------------
 
 /// A CGI-style host ignores SIGPIPE, forks a child per connection and leaks its own copy; the
