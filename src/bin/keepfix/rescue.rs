@@ -712,9 +712,14 @@ fn shut_down(
     access.close_wait_since.borrow_mut().retain(|ino, _| candidates.iter().any(|c| c.1 == *ino));
     let mut entries = Vec::new();
     // Other processes holding a candidate (a forked child that inherited it, a socket passed on):
-    // a shutdown reaches them too, so their SIGPIPE counts as much as the target's. Read once,
-    // when the first shutdown is about to happen.
-    let mut holders: Option<std::collections::HashMap<u64, Vec<u32>>> = None;
+    // a shutdown reaches them too, so their SIGPIPE counts as much as the target's. One walk of
+    // /proc per pass, and only with candidates.
+    let holders = if candidates.is_empty() || s.force {
+        std::collections::HashMap::new()
+    } else {
+        let inodes: Vec<u64> = candidates.iter().map(|c| c.1).collect();
+        procfs::socket_holders(&inodes, &[pid, std::process::id()])
+    };
     for &(fd_num, inode) in candidates {
         let mut entry = CloseWaitEntry {
             fd: fd_num,
@@ -728,6 +733,15 @@ fn shut_down(
             action: CloseWaitAction::Changed,
             error: None,
         };
+        // SIGPIPE as it is now (not as the preflight saw it), read before the duplicate is taken:
+        // while keepfix holds it, a close() by the program releases neither the socket nor its
+        // epoll registrations, so that window is kept to a few system calls.
+        let sigpipe = preflight::proc_status(Some(pid)).map_err(|_| exited(pid))?.sigpipe();
+        let other_default = holders.get(&inode).and_then(|h| {
+            h.iter()
+                .copied()
+                .find(|h| preflight::proc_status(Some(*h)).is_ok_and(|st| st.sigpipe() == Sigpipe::Default))
+        });
         let Some(dup) = duplicate(access, pid, fd_num)? else {
             entries.push(entry); // closed by the program meanwhile
             continue;
@@ -746,8 +760,6 @@ fn shut_down(
         entry.idle_ms = info.idle_ms(since.elapsed().as_millis().min(u128::from(u32::MAX)) as u32);
         entry.recv_q = recv_queue(fd);
         entry.send_q = send_queue(fd);
-        // SIGPIPE as it is now, not as the preflight saw it.
-        let sigpipe = preflight::proc_status(Some(pid)).map_err(|_| exited(pid))?.sigpipe();
         entry.action = if entry.send_q > 0 {
             CloseWaitAction::Sending
         } else if entry.recv_q > 0 && !s.include_unread {
@@ -756,17 +768,7 @@ fn shut_down(
             CloseWaitAction::Recent
         } else if sigpipe == Sigpipe::Default && !s.force {
             CloseWaitAction::RefusedSigpipe
-        } else if let Some(other) = (!s.force)
-            .then(|| {
-                let inodes: Vec<u64> = candidates.iter().map(|c| c.1).collect();
-                let map = holders.get_or_insert_with(|| procfs::socket_holders(&inodes, &[pid, std::process::id()]));
-                map.get(&inode)?
-                    .iter()
-                    .copied()
-                    .find(|h| preflight::proc_status(Some(*h)).is_ok_and(|st| st.sigpipe() == Sigpipe::Default))
-            })
-            .flatten()
-        {
+        } else if let Some(other) = other_default.filter(|_| !s.force) {
             let comm = procfs::comm(other).unwrap_or_else(|_| "?".into());
             entry.error = Some(format!("process {other} ({comm}) holds it too, with SIGPIPE at its default"));
             CloseWaitAction::RefusedSigpipe
