@@ -17,6 +17,7 @@ use crate::sys::{self, errno, set_errno};
 use crate::watchdog::Why;
 use crate::{closewait, nofile, watchdog};
 use core::ffi::{c_int, c_uint, c_void};
+use core::sync::atomic::{AtomicI32, Ordering::Relaxed};
 use libc::{fd_set, rlimit, sockaddr, socklen_t, timespec, timeval};
 
 macro_rules! hooks {
@@ -639,9 +640,26 @@ fn claim_range(first: u32, last: u32) -> ([(u32, u32); 17], usize) {
     (ranges, n)
 }
 
+/// close_range(2)'s errno when the kernel lacks it (ENOSYS before Linux 5.9) or a seccomp
+/// profile refuses it (EPERM), else 0: probed at load, where it gives EINVAL for first > last.
+static CLOSE_RANGE_FAILS: AtomicI32 = AtomicI32::new(0);
+
+pub fn probe_close_range() {
+    match sys::close_range_raw(1, 0, 0) {
+        Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+        Err(e) => CLOSE_RANGE_FAILS.store(e.raw_os_error(), Relaxed),
+    }
+}
+
+/// Why close_range cannot be used: its errno, or `None` when it works.
+pub fn close_range_failed() -> Option<i32> {
+    Some(CLOSE_RANGE_FAILS.load(Relaxed)).filter(|&e| e != 0)
+}
+
 unsafe fn on_close_range(_rt: &'static Runtime, first: c_uint, last: c_uint, flags: c_int) -> c_int {
-    // CLOSE_RANGE_CLOEXEC closes nothing; a bad range is the kernel's to refuse.
-    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 || first > last {
+    // CLOSE_RANGE_CLOEXEC closes nothing; a bad range is the kernel's to refuse. Where
+    // close_range fails whatever it is given, it closes nothing either: the numbers stay known.
+    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 || first > last || CLOSE_RANGE_FAILS.load(Relaxed) != 0 {
         return unsafe { real::close_range(first, last, flags) };
     }
     let (ranges, n) = claim_range(first, last);
@@ -681,15 +699,20 @@ pub unsafe extern "C" fn closefrom(lowfd: c_int) {
     if crate::runtime::active().is_none() || lowfd < 0 {
         return real_closefrom(lowfd);
     }
-    let saved = errno();
+    // Where close_range fails, the C library's closefrom walks /proc/self/fd and leaves errno
+    // as close_range set it: so does this one.
+    let fails = CLOSE_RANGE_FAILS.load(Relaxed);
+    let mut left = if fails != 0 { fails } else { errno() };
     let (ranges, n) = claim_range(lowfd as u32, u32::MAX);
     for &(lo, hi) in ranges.get(..n).unwrap_or(&[]) {
-        if sys::close_range_raw(lo, hi, 0).is_err() {
+        let r = if fails != 0 { Err(fails) } else { sys::close_range_raw(lo, hi, 0).map_err(|e| e.raw_os_error()) };
+        if let Err(e) = r {
+            left = e;
             closefrom_walk(lo, hi);
         }
     }
     forget_closed_own(lowfd as u32, u32::MAX);
-    set_errno(saved);
+    set_errno(left);
 }
 
 /// After a range close: own fds keepfix made in the range after the claim pass were closed too.

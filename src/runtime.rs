@@ -35,6 +35,8 @@ static RT: OnceLock<Runtime> = OnceLock::new();
 /// process whose fork handlers ran (or that is not a child), FORK_REPAIRING while a hook repairs
 /// a _Fork() child. Null if the kernel lacks MADV_WIPEONFORK (before 4.14).
 static FORK_PAGE: AtomicPtr<AtomicU32> = AtomicPtr::new(core::ptr::null_mut());
+/// The errno of madvise(MADV_WIPEONFORK) when it failed, else 0.
+static FORK_PAGE_ERRNO: AtomicI32 = AtomicI32::new(0);
 const FORK_SEEN: u32 = 1;
 const FORK_REPAIRING: u32 = 2;
 static PID: AtomicI32 = AtomicI32::new(0);
@@ -95,6 +97,7 @@ pub fn init() {
     }
     PID.store(sys::getpid(), Relaxed);
     map_fork_page();
+    hooks::probe_close_range();
     hooks::resolve_all();
     MAIN_SYM.resolve();
     // SAFETY: plain function pointers with the C signature.
@@ -156,7 +159,8 @@ fn map_fork_page() {
         return;
     };
     // SAFETY: the mapping just made.
-    if unsafe { rustix::mm::madvise(p, 4096, Advice::LinuxWipeOnFork) }.is_err() {
+    if let Err(e) = unsafe { rustix::mm::madvise(p, 4096, Advice::LinuxWipeOnFork) } {
+        FORK_PAGE_ERRNO.store(e.raw_os_error(), Relaxed);
         // SAFETY: ours, unused.
         let _ = unsafe { rustix::mm::munmap(p, 4096) };
         return;
@@ -165,6 +169,11 @@ fn map_fork_page() {
     // SAFETY: page-aligned, zeroed, lives for ever.
     unsafe { (*w).store(FORK_SEEN, Release) };
     FORK_PAGE.store(w, Release);
+}
+
+/// Why there is no fork page: madvise's errno (EINVAL before Linux 4.14), or `None`.
+pub fn fork_page_failed() -> Option<i32> {
+    Some(FORK_PAGE_ERRNO.load(Relaxed)).filter(|&e| e != 0)
 }
 
 fn fork_word() -> Option<&'static AtomicU32> {

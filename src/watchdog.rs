@@ -438,6 +438,7 @@ fn run(rt: &'static Runtime) {
                 cfg.detection_s()
             ),
         );
+        log_degraded();
     }
     let mut detector = closewait::Detector::new(rt);
     let mut monitor = nofile::Monitor::new();
@@ -599,6 +600,40 @@ pub fn report_deferred(monitor: &nofile::Monitor) {
             emit(Level::Notice, format_args!("rlimit_nofile soft={a} hard={b} used={}", monitor.used()))
         }
     });
+}
+
+/// After the first start line of a program image (not again in its forked children): one line
+/// per kernel feature keepfix goes without (README, "Old kernels").
+fn log_degraded() {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if SAID.swap(true, Relaxed) {
+        return;
+    }
+    let notes = [
+        (
+            "pwritev2",
+            log::nowait_failed().filter(|&e| e == libc::ENOSYS),
+            "no pwritev2 (Linux < 4.6): log lines go out with write() once poll says there is room; another writer filling the pipe in between can make keepfix's thread wait",
+        ),
+        (
+            "MADV_WIPEONFORK",
+            runtime::fork_page_failed(),
+            "(Linux < 4.14) a child made without fork handlers (a raw fork or clone system call, _Fork) is not noticed and keeps its parent's state; fork() children are not affected",
+        ),
+        (
+            "close_range",
+            crate::hooks::close_range_failed(),
+            "(Linux < 5.9, or refused) closefrom() walks /proc/self/fd instead; the program's own close_range fails as it would without keepfix",
+        ),
+    ];
+    for (feature, failed, note) in notes {
+        if let Some(e) = failed {
+            log::emit(
+                log::Level::Notice,
+                format_args!("degraded feature={feature} reason={} note=\"{note}\"", errno_name(e)),
+            );
+        }
+    }
 }
 
 pub fn errno_name(e: i32) -> &'static str {
