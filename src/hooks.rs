@@ -640,26 +640,29 @@ fn claim_range(first: u32, last: u32) -> ([(u32, u32); 17], usize) {
     (ranges, n)
 }
 
-/// close_range(2)'s errno when the kernel lacks it (ENOSYS before Linux 5.9) or a seccomp
-/// profile refuses it (EPERM), else 0: probed at load, where it gives EINVAL for first > last.
+/// 0 until probed; -1 when close_range works; else its errno.
 static CLOSE_RANGE_FAILS: AtomicI32 = AtomicI32::new(0);
 
-pub fn probe_close_range() {
-    match sys::close_range_raw(1, 0, 0) {
-        Ok(()) | Err(rustix::io::Errno::INVAL) => {}
-        Err(e) => CLOSE_RANGE_FAILS.store(e.raw_os_error(), Relaxed),
+/// close_range(2)'s errno where the kernel lacks it (ENOSYS before Linux 5.9) or a seccomp profile
+/// refuses it (EPERM), or `None`. Probed at the program's first close_range or closefrom (where it
+/// exists, close_range(1, 0) is EINVAL), never before: a profile that kills on it would kill the
+/// program for a call it never makes. Async-signal-safe.
+fn close_range_fails() -> Option<c_int> {
+    let mut v = CLOSE_RANGE_FAILS.load(Relaxed);
+    if v == 0 {
+        v = match sys::close_range_raw(1, 0, 0) {
+            Ok(()) | Err(rustix::io::Errno::INVAL) => -1,
+            Err(e) => e.raw_os_error(),
+        };
+        CLOSE_RANGE_FAILS.store(v, Relaxed);
     }
-}
-
-/// Why close_range cannot be used: its errno, or `None` when it works.
-pub fn close_range_failed() -> Option<i32> {
-    Some(CLOSE_RANGE_FAILS.load(Relaxed)).filter(|&e| e != 0)
+    (v > 0).then_some(v)
 }
 
 unsafe fn on_close_range(_rt: &'static Runtime, first: c_uint, last: c_uint, flags: c_int) -> c_int {
     // CLOSE_RANGE_CLOEXEC closes nothing; a bad range is the kernel's to refuse. Where
     // close_range fails whatever it is given, it closes nothing either: the numbers stay known.
-    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 || first > last || CLOSE_RANGE_FAILS.load(Relaxed) != 0 {
+    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 || first > last || close_range_fails().is_some() {
         return unsafe { real::close_range(first, last, flags) };
     }
     let (ranges, n) = claim_range(first, last);
@@ -701,11 +704,14 @@ pub unsafe extern "C" fn closefrom(lowfd: c_int) {
     }
     // Where close_range fails, the C library's closefrom walks /proc/self/fd and leaves errno
     // as close_range set it: so does this one.
-    let fails = CLOSE_RANGE_FAILS.load(Relaxed);
-    let mut left = if fails != 0 { fails } else { errno() };
+    let fails = close_range_fails();
+    let mut left = fails.unwrap_or_else(errno);
     let (ranges, n) = claim_range(lowfd as u32, u32::MAX);
     for &(lo, hi) in ranges.get(..n).unwrap_or(&[]) {
-        let r = if fails != 0 { Err(fails) } else { sys::close_range_raw(lo, hi, 0).map_err(|e| e.raw_os_error()) };
+        let r = match fails {
+            Some(e) => Err(e),
+            None => sys::close_range_raw(lo, hi, 0).map_err(|e| e.raw_os_error()),
+        };
         if let Err(e) = r {
             left = e;
             closefrom_walk(lo, hi);

@@ -282,7 +282,6 @@ static PID: AtomicI32 = AtomicI32::new(0);
 /// Sets the destination. Called once by the constructor, before any other thread of ours exists.
 pub fn init(dest: &crate::config::LogDest, journal_stream: Option<&[u8]>) {
     PID.store(sys::getpid(), Relaxed);
-    probe_pwritev2();
     // SAFETY: called once from the constructor, before any reader exists.
     let d = unsafe { &mut *core::ptr::addr_of_mut!(DEST) };
     d.journal = journal_stream.and_then(parse_journal_stream);
@@ -509,24 +508,16 @@ fn write_stderr(dest: &Dest, bytes: &[u8]) -> bool {
     write_nowait(fd, bytes)
 }
 
-/// The errno that made keepfix give pwritev2(RWF_NOWAIT) up, for good; 0 while it works.
-/// ENOSYS: the kernel has no pwritev2 (before 4.6, qemu-user), known from load ([`init`]).
-/// EOPNOTSUPP or EINVAL: the destination does not take RWF_NOWAIT (a tty; a pipe before 5.x;
-/// a buffered file write before 5.x; any before 4.14). Remembered, not tried again per line.
+/// The errno that made keepfix give pwritev2(RWF_NOWAIT) up, at the first line, for good; 0 while
+/// it works. ENOSYS: the kernel has no pwritev2 (before 4.6, qemu-user). EOPNOTSUPP or EINVAL:
+/// the destination does not take RWF_NOWAIT (a tty; an older kernel's pipe or buffered file write;
+/// any before 4.14). Remembered, not tried again per line.
 static NOWAIT_FAILED: AtomicI32 = AtomicI32::new(0);
 
 /// Why keepfix writes its lines with poll and write() instead of pwritev2(RWF_NOWAIT): the errno
 /// pwritev2 gave, or `None` while it works.
 pub fn nowait_failed() -> Option<i32> {
     Some(NOWAIT_FAILED.load(Relaxed)).filter(|&e| e != 0)
-}
-
-/// At load: does the kernel have pwritev2? An fd no process can have answers EBADF if it does.
-fn probe_pwritev2() {
-    let Some(bad) = sys::borrow(i32::MAX) else { return };
-    if rustix::io::pwritev2(bad, &[], u64::MAX, rustix::io::ReadWriteFlags::NOWAIT) == Err(rustix::io::Errno::NOSYS) {
-        NOWAIT_FAILED.store(libc::ENOSYS, Relaxed);
-    }
 }
 
 fn write_nowait(fd: rustix::fd::BorrowedFd<'_>, bytes: &[u8]) -> bool {

@@ -97,7 +97,6 @@ pub fn init() {
     }
     PID.store(sys::getpid(), Relaxed);
     map_fork_page();
-    hooks::probe_close_range();
     hooks::resolve_all();
     MAIN_SYM.resolve();
     // SAFETY: plain function pointers with the C signature.

@@ -620,11 +620,6 @@ fn log_degraded() {
             runtime::fork_page_failed(),
             "(Linux < 4.14) a child made without fork handlers (a raw fork or clone system call, _Fork) is not noticed and keeps its parent's state; fork() children are not affected",
         ),
-        (
-            "close_range",
-            crate::hooks::close_range_failed(),
-            "(Linux < 5.9, or refused) closefrom() walks /proc/self/fd instead; the program's own close_range fails as it would without keepfix",
-        ),
     ];
     for (feature, failed, note) in notes {
         if let Some(e) = failed {
