@@ -602,8 +602,8 @@ pub fn report_deferred(monitor: &nofile::Monitor) {
     });
 }
 
-/// After the first start line of a program image (not again in its forked children): one line
-/// per kernel feature keepfix goes without (README, "Old kernels").
+/// After a process's first start line (not again in the forked children of one that said it): one
+/// line per kernel feature keepfix goes without (README, "Old kernels").
 fn log_degraded() {
     static SAID: AtomicBool = AtomicBool::new(false);
     if SAID.swap(true, Relaxed) {
