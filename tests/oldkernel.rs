@@ -117,8 +117,14 @@ fn the_filter_answers_as_each_kernel_would() {
 #[test]
 fn logs_and_names_what_it_goes_without() {
     no_outer_kernel();
-    let degraded = |kernel: &str| -> (Vec<String>, i32) {
-        let mut p = under(kernel, "echo_server").env("KEEPFIX_IDLE", "bad").args(["0"]).spawn();
+    let degraded = |kernel: &str| -> (Vec<String>, i32, String) {
+        let dir = TempDir::new("oldkernel-degraded");
+        let mut p = under(kernel, "echo_server")
+            .env("KEEPFIX_IDLE", "bad")
+            .env("KEEPFIX_METRICS", dir.str())
+            .env("KEEPFIX_SCAN_INTERVAL", "100ms")
+            .args(["0"])
+            .spawn();
         let port = p.port();
         let _c = ping(port);
         let fd: i32 = field(&p.expect("ACCEPT"), "fd").parse().unwrap();
@@ -126,8 +132,9 @@ fn logs_and_names_what_it_goes_without() {
         assert_eq!(keepalive_of(p.pid(), fd), ka(60, 10, 6), "under {kernel:?}");
         p.wait_log(&["config KEEPFIX_IDLE=\"bad\" is not a duration"], Duration::from_secs(5));
         p.wait_log(&[" start idle=60s"], Duration::from_secs(5));
-        // The degraded lines follow the start line from the same thread: by the program's exit
-        // they are all in.
+        // keepfix's thread writes the degraded lines right after the start line, and its first
+        // metrics file after them: once that is there, every degraded line has been written.
+        await_metrics(dir.path(), p.pid());
         // SAFETY: signalling our own child.
         unsafe { libc::kill(p.pid(), libc::SIGTERM) };
         p.expect("STATS");
@@ -135,18 +142,18 @@ fn logs_and_names_what_it_goes_without() {
         let err = p.stderr();
         drop(p);
         let lines = err.lines().filter(|l| l.contains(": degraded ")).map(String::from).collect();
-        (lines, fd)
+        (lines, fd, err)
     };
-    let (real, real_fd) = degraded("");
-    assert_eq!(real, Vec::<String>::new(), "the real kernel has everything");
-    let (old, old_fd) = degraded("3.10");
+    let (real, real_fd, err) = degraded("");
+    assert_eq!(real, Vec::<String>::new(), "the real kernel has everything: {err}");
+    let (old, old_fd, err) = degraded("3.10");
     let features: Vec<String> = old.iter().map(|l| format!("{} {}", field(l, "feature"), field(l, "reason"))).collect();
-    assert_eq!(features, ["pwritev2 ENOSYS", "MADV_WIPEONFORK EINVAL"], "{old:#?}");
+    assert_eq!(features, ["pwritev2 ENOSYS", "MADV_WIPEONFORK EINVAL"], "{err}");
     // keepfix took no low fd number of the program's for itself (std's /dev/urandom fallback).
     assert_eq!(old_fd, real_fd, "the first connection's number differs under 3.10");
     // 4.18 has both; its lack of close_range costs closefrom a walk of /proc/self/fd, no line.
-    let (rhel8, rhel8_fd) = degraded("4.18");
-    assert_eq!(rhel8, Vec::<String>::new());
+    let (rhel8, rhel8_fd, err) = degraded("4.18");
+    assert_eq!(rhel8, Vec::<String>::new(), "{err}");
     assert_eq!(rhel8_fd, real_fd);
 }
 
