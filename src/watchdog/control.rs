@@ -505,6 +505,7 @@ fn run(rt: &'static Runtime) {
     } else if !IS_CHILD.load(Relaxed) {
         // A forked child logs only what it does: its tree's `start` line is its ancestor's.
         log::event(&Event::Start(cfg));
+        log_degraded();
     }
     let mut detector = detector::Detector::new(rt);
     let mut monitor = monitor::Monitor::new();
@@ -558,6 +559,32 @@ fn run(rt: &'static Runtime) {
             next = now + interval;
         }
         poked = detector.wait(next.saturating_sub(sys::now_ms()).max(1));
+    }
+}
+
+/// After a process's first start line (not again in the forked children of one that said it): one
+/// line per kernel feature keepfix goes without (README, "Old kernels").
+fn log_degraded() {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if SAID.swap(true, Relaxed) {
+        return;
+    }
+    let notes = [
+        (
+            "pwritev2",
+            log::nowait_failed().filter(|&e| e == libc::ENOSYS),
+            "no pwritev2 (Linux < 4.6): log lines go out with write() once poll says there is room; another writer filling the pipe in between can make keepfix's thread wait",
+        ),
+        (
+            "MADV_WIPEONFORK",
+            settings::fork_page_failed(),
+            "(Linux < 4.14) a child made without fork handlers (a raw fork or clone system call, _Fork) is not noticed and keeps its parent's state; fork() children are not affected",
+        ),
+    ];
+    for (feature, failed, note) in notes {
+        if let Some(errno) = failed {
+            log::event(&Event::Degraded { feature, errno, note });
+        }
     }
 }
 

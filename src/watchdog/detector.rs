@@ -42,6 +42,7 @@ use core::sync::atomic::Ordering::*;
 use rustix::event::epoll;
 use rustix::fd::RawFd;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, DefaultHasher};
 
 /// A socket found left behind.
 struct Leak {
@@ -81,7 +82,10 @@ pub struct Detector {
     rt: &'static Runtime,
     /// The tracked sockets were all (re)registered since the epoll set was made.
     registered_all: bool,
-    leaks: HashMap<RawFd, Leak>,
+    /// Keyed by fd number with a fixed hasher: std's RandomState asks getrandom(2) for its keys,
+    /// and where that is missing (Linux < 3.17) opens /dev/urandom through libc and keeps it open,
+    /// on a low number of the program's. fd numbers are the kernel's, no flood to fear.
+    leaks: HashMap<RawFd, Leak, BuildHasherDefault<DefaultHasher>>,
     /// Lines written this tick; above a few, the rest go into one summary.
     lines_this_tick: u32,
     folded: [u64; 4],
@@ -96,7 +100,7 @@ impl Detector {
         Detector {
             rt,
             registered_all: false,
-            leaks: HashMap::new(),
+            leaks: HashMap::default(),
             lines_this_tick: 0,
             folded: [0; 4],
             last_summary_ms: sys::now_ms(),
