@@ -252,6 +252,7 @@ unsafe fn on_listen(rt: &'static Runtime, fd: c_int, backlog: c_int) -> c_int {
         if let Some(s) = slot {
             s.update(|m| (m.is_tracked() && m.role() == Role::Socket).then(|| m.with_role(Role::Listener)));
             watchdog::ensure_started(rt);
+            reopen_own_fds(rt);
         }
     }
     r
@@ -315,6 +316,27 @@ fn on_accepted(rt: &'static Runtime, lfd: c_int, nfd: c_int) {
         }
     }
     watchdog::ensure_started(rt);
+    reopen_own_fds(rt);
+}
+
+/// keepfix's thread lost one of its long-lived fds and never opens one itself (ownfd::want_reopen):
+/// made again here, in the program's thread, after the program's own call took its number. One
+/// relaxed load when nothing is wanted. Leaves errno alone.
+#[inline]
+fn reopen_own_fds(rt: &'static Runtime) {
+    if crate::hooksafe::ownfd::reopen_wanted() {
+        reopen_own_fds_now(rt);
+    }
+}
+
+#[cold]
+fn reopen_own_fds_now(rt: &'static Runtime) {
+    if crate::hooksafe::ownfd::take_reopen() {
+        let _errno = sys::ErrnoGuard::save();
+        crate::hooksafe::ownfd::prepare();
+        crate::hooksafe::wake::prepare(rt);
+        emfile::open_reserve();
+    }
 }
 
 unsafe fn on_connect(rt: &'static Runtime, fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
@@ -345,6 +367,7 @@ unsafe fn on_connect(rt: &'static Runtime, fd: c_int, addr: *const sockaddr, len
         watchdog::child_connection(fd, s.load().generation());
     }
     watchdog::ensure_started(rt);
+    reopen_own_fds(rt);
     set_errno(e);
     r
 }

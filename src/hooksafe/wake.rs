@@ -20,6 +20,11 @@ pub fn prepare(_rt: &Runtime) {
     if EPOLL.load(Acquire) >= 0 || ownfd::lean() {
         return;
     }
+    if crate::hooksafe::settings::on_watchdog_thread() {
+        // Never an open of keepfix's own on its thread (see ownfd::want_reopen).
+        ownfd::want_reopen();
+        return;
+    }
     if let Some(ep) = epoll::create(epoll::CreateFlags::CLOEXEC).ok().and_then(|e| ownfd::install(sys::own(e))) {
         EPOLL.store(ep, Release);
     }
