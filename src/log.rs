@@ -511,8 +511,9 @@ fn write_nowait(fd: rustix::fd::BorrowedFd<'_>, bytes: &[u8]) -> bool {
     let iov = [rustix::io::IoSlice::new(bytes)];
     match rustix::io::pwritev2(fd, &iov, u64::MAX, rustix::io::ReadWriteFlags::NOWAIT) {
         Ok(n) => n == bytes.len(),
-        // RWF_NOWAIT is not supported here (a tty, an old filesystem): a plain write.
-        Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::INVAL) => {
+        // RWF_NOWAIT is not supported here (a tty, an old filesystem), or pwritev2 itself is not
+        // (Linux before 4.6, qemu-user): a plain write.
+        Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOSYS) => {
             rustix::io::write(fd, bytes).is_ok_and(|n| n == bytes.len())
         }
         Err(_) => false,
