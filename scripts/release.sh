@@ -194,7 +194,6 @@ release() {
     else
         # qemu-user hands its environment (LD_PRELOAD, KEEPFIX_*) to the aarch64 program.
         runner=("$qemu" -L "$sysroot")
-        make_aarch64_probe
         probe_cmd=("${runner[@]}" "$aarch64_probe")
     fi
 
@@ -239,6 +238,7 @@ release() {
 
     step "$arch: smoke test of the staged files (${runner[*]:-natively} on this machine's glibc)"
     local lib=$stage/lib/keepfix/libkeepfix.so got err check
+    if [ "$arch" = aarch64 ]; then make_aarch64_probe; fi
     # 1. The library loads, and listen() gets keepalive.
     echo "+ LD_PRELOAD=$lib ${probe_cmd[*]}"
     got=$(env -i PATH="$PATH" LD_PRELOAD="$lib" "${probe_cmd[@]}" 2>/dev/null) ||
