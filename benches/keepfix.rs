@@ -16,6 +16,8 @@
 //! (installed with apt-get when missing and we are root; its columns are left out otherwise).
 //! Root is needed for nothing else; RLIMIT_NOFILE is raised up to the hard limit only.
 
+#[path = "keepfix/children.rs"]
+mod children;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -328,6 +330,7 @@ fn main() {
         ("3. hook cost", hook_cost),
         ("6. outbound connect", outbound),
         ("4-5. watchdog and memory", watchdog_and_memory),
+        ("7. children", children::run),
     ];
     let mut body = String::new();
     for (name, f) in sections {
