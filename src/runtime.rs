@@ -90,12 +90,14 @@ pub fn init() {
         let level = if d.warning { log::Level::Warning } else { log::Level::Err };
         log::emit(level, format_args!("{d}"));
     }
+    // Before the KEEPFIX_DISABLE check: a switched-off hook still calls the real function, and
+    // must not look it up later (dlsym in a signal handler, or in every forked child).
+    hooks::resolve_all();
     if cfg.disable {
         return;
     }
     PID.store(sys::getpid(), Relaxed);
     map_fork_page();
-    hooks::resolve_all();
     MAIN_SYM.resolve();
     // SAFETY: plain function pointers with the C signature.
     unsafe { libc::pthread_atfork(Some(atfork_prepare), None, Some(atfork_child)) };
