@@ -610,11 +610,13 @@ connection, parent + child: plain 2.5 + 24. **One idle thread** adds 3.8 + 7: gl
 multi-threaded process locks malloc's arenas and the stdio list around the fork and unlocks them on both \
 sides (`main_arena`, `_IO_list_unlock`), and runs `__libc_unwind_link_after_fork`, \
 `__nss_database_fork_subprocess`, `__timer_fork_subprocess` in the child; `__pthread_enable_asynccancel` \
-writes the thread's descriptor in each cancellable call. **libkeepfix.so loaded but off** adds 1.3 + 10: \
+writes the thread's descriptor in each cancellable call. **libkeepfix.so loaded but off** adds 1.3 + 4: \
 keepfix's allocator lock `alloc::HEAP`, taken and released around every fork (its fork handlers are set up \
-before KEEPFIX_DISABLE is read), written on both sides; the code pages of the `close`, `read` and \
-`fork_release` entry points, run by every child; and libkeepfix's symbol table, which the dynamic linker \
-searches first when each child binds `_exit` on its first call. **keepfix on** (thread included) makes \
+before KEEPFIX_DISABLE is read), written on both sides; the code pages of the `close` and `fork_release` \
+entry points, run by every child; and libkeepfix's symbol table, which the dynamic linker searches first \
+when each child binds `_exit` on its first call. (Until this section was written, KEEPFIX_DISABLE also \
+skipped the constructor's lookup of the real functions, so every child ran dlsym() for its first read(): \
+6 faults more, and a lookup a hook must never make; src/runtime.rs now resolves them before the check.) **keepfix on** (thread included) makes \
 8.8 + 44, 6.3 + 20 over plain. Beyond the thread's and the loaded library's: in the parent the fd \
 table's chunk (the accept hook writes the connection's slot) and `fdtable::FORK_EPOCH` \
 (`atfork_prepare`); in the child `runtime::repair_child` writing the pid into `runtime::PID` and \
