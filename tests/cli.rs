@@ -245,8 +245,12 @@ fn status_of_an_unknown_pid_fails_and_goes_on() {
 
 #[test]
 fn status_reads_a_process_in_another_network_namespace_from_its_proc_net_tcp() {
+    if !require_root("unshare --net makes a network namespace") {
+        return;
+    }
+    let Some(ip) = require_tool("ip", "iproute2") else { return };
     let echo = c_program("echo_server");
-    let script = format!("ip link set lo up && exec {} 0", echo.display());
+    let script = format!("{} link set lo up && exec {} 0", ip.display(), echo.display());
     let mut p = Run::path(PathBuf::from("unshare")).plain().args(["--net", "sh", "-c", &script]).spawn();
     p.port();
     let s = status_json(&[&p.pid().to_string()], p.pid());
@@ -322,6 +326,9 @@ fn demo_runs_both_servers_and_cleans_up() {
 
 #[test]
 fn status_finds_the_metrics_file_of_a_process_in_a_pid_namespace() {
+    if !require_root("unshare --pid makes a pid namespace") {
+        return;
+    }
     // In a container the program names its metrics file with its own pid (1 here), not the
     // host's; status finds it through the process's NSpid and /proc/PID/root.
     let dir = TempDir::new("cli-pidns");

@@ -418,13 +418,7 @@ fn nobody_tasks() -> usize {
 
 #[test]
 fn keepfix_takes_none_of_the_programs_tasks() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "this test must run as root under CI: it runs the program as nobody under RLIMIT_NPROC"
-        );
-        eprintln!("SKIPPED: RLIMIT_NPROC is ignored for root and switching to nobody needs root");
+    if !require_root("it runs the program as nobody under RLIMIT_NPROC, which root ignores") {
         return;
     }
     let _g = NOBODY_TASKS.lock().unwrap_or_else(|e| e.into_inner());
@@ -448,17 +442,9 @@ fn keepfix_takes_none_of_the_programs_tasks() {
 
 // --- G2: no thread the program did not need ----------------------------------------------------
 
-/// Is this test allowed to skip for want of a privilege? Never under CI.
-fn skip_without(what: &str) -> bool {
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "under CI this test must be able to {what}");
-    eprintln!("SKIPPED: cannot {what} here");
-    true
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+/// What to do when even the plain control cannot make a user namespace (see tests/common, `require`).
+const USERNS: &str = "allow them: sysctl -w user.max_user_namespaces=15000 (kernel.unprivileged_userns_clone=1 \
+                      where it exists); in a container, one whose seccomp profile allows unshare(CLONE_NEWUSER)";
 
 /// Waits at most `d` for the program to exit; kills it after that.
 fn exit_within(p: &mut Proc, d: Duration) -> Option<std::process::ExitStatus> {
@@ -480,7 +466,7 @@ fn exit_within(p: &mut Proc, d: Duration) -> Option<std::process::ExitStatus> {
 /// any hook: this is the process as the kernel sees it).
 #[test]
 fn an_inherited_listener_alone_starts_no_thread() {
-    if !is_root() && skip_without("run as root (user namespaces)") {
+    if !require_root("user namespaces") {
         return;
     }
     for preload in [false, true] {
@@ -495,7 +481,13 @@ fn an_inherited_listener_alone_starts_no_thread() {
             let done = p.expect("DONE");
             let err = p.stderr();
             let ctx = format!("preload={preload} mode={mode:?}: {threads} / {unshare} / {done}\n{err}");
-            if !preload && field(&unshare, "rc") != "0" && skip_without("make a user namespace") {
+            if !preload
+                && !require(
+                    field(&unshare, "rc") == "0",
+                    "user namespaces (the run without keepfix could not make one)",
+                    USERNS,
+                )
+            {
                 return;
             }
             assert_eq!(field(&threads, "n"), "1", "{ctx}");
@@ -516,7 +508,7 @@ fn an_inherited_listener_alone_starts_no_thread() {
 /// thread must be back afterwards.
 #[test]
 fn unshare_and_setns_succeed_as_without_keepfix() {
-    if !is_root() && skip_without("run as root (user namespaces, setns)") {
+    if !require_root("user namespaces, setns") {
         return;
     }
     for close in [false, true] {
@@ -538,7 +530,13 @@ fn unshare_and_setns_succeed_as_without_keepfix() {
                 let calls: Vec<&String> =
                     lines.iter().filter(|l| l.starts_with("UNSHARE") || l.starts_with("SETNS")).collect();
                 assert_eq!(calls.len(), 4, "{ctx}");
-                if !preload && calls.iter().any(|l| field(l, "rc") != "0") && skip_without("make a user namespace") {
+                if !preload
+                    && !require(
+                        calls.iter().all(|l| field(l, "rc") == "0"),
+                        "user namespaces (the run without keepfix could not make one)",
+                        USERNS,
+                    )
+                {
                     return;
                 }
                 for l in &calls {
@@ -633,7 +631,7 @@ fn task_creds(pid: i32) -> Vec<(String, String, u64)> {
 /// thread lacks; keepfix's thread has none at all, and is there.
 #[test]
 fn keepfix_holds_no_privilege_of_its_own() {
-    if !is_root() && skip_without("run as root (it drops root's privileges)") {
+    if !require_root("it drops root's privileges") {
         return;
     }
     // It becomes nobody: not while the task test counts nobody's tasks.

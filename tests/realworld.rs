@@ -12,9 +12,11 @@
 //!   with TCP_REPAIR, as when a host dies): keepalive's probe draws a reset and the server closes
 //!   its fd. Each leak has a control: the same server without keepfix still holds the connection.
 //!
-//! The servers come from Debian: `apt-get install nginx-light redis-server memcached wrk` (.ci/run
-//! does it). A test whose server is missing prints SKIPPED and passes; so does the dead-peer part
-//! without root (TCP_REPAIR needs CAP_NET_ADMIN). Run alone: `cargo test --test realworld`.
+//! The servers come from Debian: `apt-get install nginx redis-server redis-tools memcached wrk` (.ci/run
+//! does it). A test whose server is missing fails, saying what to install; so does the dead-peer
+//! part without root (TCP_REPAIR needs CAP_NET_ADMIN). KFX_ALLOW_SKIP=1 lets them pass without,
+//! listed as SKIPPED after the summary (never under CI: tests/common, `require`). Run alone:
+//! `cargo test --test realworld`.
 //!
 //! Checked to fail without the feature: run with `.plain()` instead of keepfix (no LD_PRELOAD),
 //! every keepalive assertion fails, nginx's CLOSE_WAIT is never released, and the vanished
@@ -24,7 +26,7 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -37,28 +39,15 @@ const FAST: [(&str, &str); 6] = [
     ("KEEPFIX_SCAN_INTERVAL", "100ms"),
 ];
 
-fn find_bin(name: &str) -> Option<PathBuf> {
-    ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/bin"]
-        .into_iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists())
-}
-
+/// The server or load generator `name` (Debian package `package`); None, and the test returns, when
+/// it is missing and KFX_ALLOW_SKIP=1 lets the test pass without it (tests/common: `require`).
 macro_rules! need {
-    ($name:expr) => {
-        match find_bin($name) {
+    ($name:expr, $package:expr) => {
+        match require_tool($name, $package) {
             Some(p) => p,
-            None => {
-                eprintln!("SKIPPED: {} is not installed (apt-get install it; .ci/run does)", $name);
-                return;
-            }
+            None => return,
         }
     };
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// A loopback port nobody listens on right now.
@@ -117,8 +106,7 @@ fn vanish(s: TcpStream) {
 /// keepfix's keepalive must make the server close its fd; the control must still hold it.
 /// `connect` makes a served connection to a port.
 fn dead_peer_is_caught(fixed: &Proc, fport: u16, plain: &Proc, pport: u16, connect: impl Fn(u16) -> TcpStream) {
-    if !is_root() {
-        eprintln!("SKIPPED: the dead-peer part needs root (TCP_REPAIR)");
+    if !require_root("the dead-peer part drops a client's socket with TCP_REPAIR") {
         return;
     }
     let (cf, cp) = (connect(fport), connect(pport));
@@ -160,29 +148,10 @@ impl Drop for Nginx {
     }
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let d = std::env::temp_dir().join(format!("keepfix-rw-{what}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn nginx(bin: &Path, keepfix: bool, upstream: u16) -> Nginx {
     let dir = TempDir::new(if keepfix { "nginx" } else { "nginx-plain" });
     let port = free_port();
-    let d = dir.0.display();
+    let d = dir.path().display();
     let conf = format!(
         "daemon off; master_process on; worker_processes 1; user root root; pid {d}/nginx.pid;
 error_log stderr warn;
@@ -203,7 +172,7 @@ http {{
 }}
 "
     );
-    let conf_path = dir.0.join("nginx.conf");
+    let conf_path = dir.path().join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
     let p = server(bin, &["-p", &d.to_string(), "-c", conf_path.to_str().unwrap(), "-e", "stderr"], keepfix);
     wait_listening(port);
@@ -235,7 +204,7 @@ fn worker_of(n: &Nginx) -> i32 {
 /// 4 before the fix in ownfd (sys::close_raw).
 #[test]
 fn nginx_workers_survive_a_fork_racing_keepfix() {
-    let bin = need!("nginx");
+    let bin = need!("nginx", "nginx");
     for round in 0..4 {
         let n = nginx(&bin, true, free_port());
         let w = worker_of(&n);
@@ -249,8 +218,8 @@ fn nginx_workers_survive_a_fork_racing_keepfix() {
 
 #[test]
 fn nginx_keepalive_load_and_a_close_wait_leak() {
-    let bin = need!("nginx");
-    let wrk = need!("wrk");
+    let bin = need!("nginx", "nginx");
+    let wrk = need!("wrk", "wrk");
     // The upstream of /hang: accepts and never answers.
     let up = TcpListener::bind(("127.0.0.1", 0)).unwrap();
     let up_port = up.local_addr().unwrap().port();
@@ -352,7 +321,7 @@ fn redis(bin: &Path, keepfix: bool) -> (Proc, u16, TempDir) {
             "--tcp-keepalive",
             "300",
             "--dir",
-            dir.0.to_str().unwrap(),
+            dir.str(),
         ],
         keepfix,
     );
@@ -391,8 +360,8 @@ fn redis_client(port: u16) -> TcpStream {
 
 #[test]
 fn redis_keepalive_load_and_a_vanished_client() {
-    let bin = need!("redis-server");
-    let bench = need!("redis-benchmark");
+    let bin = need!("redis-server", "redis-server");
+    let bench = need!("redis-benchmark", "redis-tools");
     let (p, port, _d) = redis(&bin, true);
     assert_eq!(keepalive_of(p.pid(), listener_of(p.pid(), port).fd), ka(1, 1, 2), "listener");
     let mut c = redis_client(port);
@@ -453,7 +422,7 @@ fn mc_client(port: u16) -> TcpStream {
 
 #[test]
 fn memcached_keepalive_load_and_a_vanished_client() {
-    let bin = need!("memcached");
+    let bin = need!("memcached", "memcached");
     let (p, port) = memcached(&bin, true);
     assert_eq!(keepalive_of(p.pid(), listener_of(p.pid(), port).fd), ka(1, 1, 2), "listener");
     let c = mc_client(port);

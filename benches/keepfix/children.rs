@@ -62,14 +62,7 @@ fn load(cx: &Ctx, port: u16, n: u64, parallel: u64) -> String {
 
 /// `prog` run as `v` says, through tests/common's harness (stderr, keepfix's log, is captured).
 fn launch(v: &Variant, prog: &Path, args: &[String]) -> common::Proc {
-    let mut r = common::Run::path(prog.to_path_buf()).plain().args(args.iter().cloned());
-    if let Some(p) = &v.preload {
-        r = r.env("LD_PRELOAD", p.to_str().expect("a UTF-8 library path"));
-    }
-    for (k, val) in &v.env {
-        r = r.env(k, val);
-    }
-    r.spawn()
+    v.run(prog).args(args.iter().cloned()).spawn()
 }
 
 /// Children of `pid` still alive.

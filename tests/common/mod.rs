@@ -571,3 +571,133 @@ pub fn read_until(s: &mut std::net::TcpStream, deadline: Instant) -> Vec<u8> {
         }
     }
 }
+
+// --- What a test needs from the machine ----------------------------------------------------------
+//
+// A test that needs a tool (nginx, valgrind, ip...), root, or a kernel feature asks for it here
+// instead of printing SKIPPED and passing. When it is missing:
+// - under CI (CI set, and not "0" or "false"), the test FAILS, naming what is missing and the
+//   command that provides it: CI must run every test;
+// - elsewhere it fails the same way, unless KFX_ALLOW_SKIP=1 is set: then the test returns early
+//   (libtest counts it as passed), and after libtest's own summary the binary lists every test it
+//   skipped that way, with what each needed and how to get it. The variable does not start with
+//   KEEPFIX_ because libkeepfix.so warns about KEEPFIX_ variables it does not know.
+// README.md ("Reliability tests") has the table of which test file needs what.
+
+/// The environment variable that lets a test pass without what it needs (never under CI).
+pub const ALLOW_SKIP: &str = "KFX_ALLOW_SKIP";
+
+/// Is this a CI run? CI=true (GitHub, GitLab...), or any other value but "0" and "false".
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+fn skip_allowed() -> bool {
+    std::env::var(ALLOW_SKIP).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// NAME of tests/NAME.rs: the test binary's name without cargo's hash.
+fn test_file() -> String {
+    let exe = std::env::current_exe().ok();
+    let stem = exe.as_deref().and_then(Path::file_stem).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    stem.rsplit_once('-').map_or(stem.as_str(), |(f, _)| f).to_string()
+}
+
+/// `tests/NAME.rs TEST`, for messages (libtest names each test's thread after the test).
+fn this_test() -> String {
+    let file = test_file();
+    match std::thread::current().name() {
+        Some(n) if n != "main" => format!("tests/{file}.rs {n}"),
+        _ => format!("tests/{file}.rs"),
+    }
+}
+
+static SKIPPED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Printed when the test binary exits, after libtest's summary: the tests that passed without
+/// running their checks because KFX_ALLOW_SKIP was set.
+extern "C" fn print_skipped() {
+    let list = SKIPPED.lock().unwrap_or_else(|e| e.into_inner());
+    if list.is_empty() {
+        return;
+    }
+    let mut e = std::io::stderr().lock();
+    let _ = writeln!(
+        e,
+        "\nSKIPPED ({ALLOW_SKIP} is set): {} test(s) counted as passed above did not run (all or part of their checks):",
+        list.len()
+    );
+    for l in list.iter() {
+        let _ = writeln!(e, "  {l}");
+    }
+    let _ = writeln!(e);
+}
+
+/// Returns `met`. When it is false, fails the test with `what` is missing and `how` to get it,
+/// unless skipping is allowed (KFX_ALLOW_SKIP=1, outside CI): then records the skip and returns
+/// false, and the caller returns. The failure points at the caller's line.
+#[track_caller]
+pub fn require(met: bool, what: &str, how: &str) -> bool {
+    if met {
+        return true;
+    }
+    let test = this_test();
+    if under_ci() {
+        panic!("{test} needs {what}, which this CI machine lacks (CI never skips a test): {how}");
+    }
+    if !skip_allowed() {
+        panic!(
+            "{test} needs {what}: {how}. To let tests pass without what they need on this machine, set \
+             {ALLOW_SKIP}=1 (they are then listed as SKIPPED after the summary; never under CI)."
+        );
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain extern "C" function, once.
+    ONCE.call_once(|| unsafe {
+        libc::atexit(print_skipped);
+    });
+    eprintln!("SKIPPED: {test} needs {what}: {how}");
+    SKIPPED.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{test}: needs {what}; {how}"));
+    false
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// True when running as root; otherwise see [`require`]. `why`: what the test does with root.
+#[track_caller]
+pub fn require_root(why: &str) -> bool {
+    require(
+        is_root(),
+        &format!("root ({why})"),
+        &format!("run it as root, as CI does: sudo -E env PATH=\"$PATH\" cargo test --test {}", test_file()),
+    )
+}
+
+/// The directories searched after PATH: those a non-root user's PATH often lacks (Debian puts
+/// nginx and ip there).
+const SBIN: [&str; 3] = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
+
+/// `name` as the shell would find it on PATH, else in the sbin directories.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(SBIN.iter().map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// The path of the command `name`; when it is missing, see [`require`]: `package` is the Debian
+/// package that has it (`.ci/run` installs it).
+#[track_caller]
+pub fn require_tool(name: &str, package: &str) -> Option<PathBuf> {
+    let found = find_tool(name);
+    if found.is_none() {
+        let what = format!("`{name}` (not on PATH, nor in {})", SBIN.join(", "));
+        require(false, &what, &format!("apt-get install {package} (.ci/run installs it)"));
+    }
+    found
+}
