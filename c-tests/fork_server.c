@@ -11,7 +11,8 @@
  *
  * Just before it exits, a child prints CHILD pid=P threads=T fd=N served=S (T: the threads in
  * its /proc/self/task). The parent reaps children (SIGCHLD) and on SIGTERM or stdin EOF prints
- * STATS accepted=A forks=F.
+ * STATS accepted=A forks=F cpu_us=U (U: the CPU time, getrusage, of the parent and of every child
+ * reaped so far).
  *
  * Usage: fork_server [--linger MS] [--quiet] PORT
  * stdout: READY port=P, CHILD ..., STATS ...
@@ -126,6 +127,6 @@ int main(int argc, char **argv)
             forks++;
         close(fd);
     }
-    printf("STATS accepted=%ld forks=%ld\n", accepted, forks);
+    printf("STATS accepted=%ld forks=%ld cpu_us=%lld\n", accepted, forks, tree_cpu_us());
     return 0;
 }

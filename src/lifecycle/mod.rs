@@ -48,13 +48,15 @@ pub fn init() {
     for d in &diags {
         log::event(&Event::Config(d));
     }
+    // Before the KEEPFIX_DISABLE check: a switched-off hook still calls the real function, and
+    // must not look it up later (dlsym in a signal handler, or in every forked child).
+    hooks::resolve_all();
     if cfg.disable {
         return;
     }
     PID.store(sys::getpid(), Relaxed);
     settings::map_fork_page();
     settings::set_fork_repair(repair_unhandled_fork);
-    hooks::resolve_all();
     MAIN_SYM.resolve();
     // SAFETY: plain function pointers with the C signature.
     unsafe { libc::pthread_atfork(Some(atfork_prepare), None, Some(atfork_child)) };
