@@ -167,17 +167,25 @@ pub fn own_fd() -> RawFd {
 }
 
 pub fn after_fork_child() {
-    SINK_BUSY.store(false, Release);
+    if SINK_BUSY.load(Relaxed) {
+        SINK_BUSY.store(false, Release);
+    }
     // The parent's rate-limit state is the parent's: a child starts with a full bucket and
-    // nothing suppressed, so its first events are logged under its own pid.
+    // nothing suppressed, so its first events are logged under its own pid. Written only where
+    // it differs (a page the child leaves alone stays shared with the parent: no fault).
     // SAFETY: a forked child has one thread; SINK_BUSY was just cleared and nothing else runs.
     unsafe {
         let sink = &mut *core::ptr::addr_of_mut!(SINK);
-        sink.tokens_milli = BURST * 1000;
-        sink.suppressed = 0;
-        sink.suppressed_since_ms = 0;
-        sink.suppressed_written_ms = 0;
-        sink.refill_ms = 0;
+        let fresh = (BURST * 1000, 0, 0, 0, 0);
+        if (sink.tokens_milli, sink.suppressed, sink.suppressed_since_ms, sink.suppressed_written_ms, sink.refill_ms)
+            != fresh
+        {
+            sink.tokens_milli = BURST * 1000;
+            sink.suppressed = 0;
+            sink.suppressed_since_ms = 0;
+            sink.suppressed_written_ms = 0;
+            sink.refill_ms = 0;
+        }
     }
     crate::hooksafe::ring::after_fork_child();
 }

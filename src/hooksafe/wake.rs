@@ -45,11 +45,15 @@ pub fn poke() {
 
 /// In a fork child: the epoll set is the parent's; the child makes its own.
 pub fn after_fork_child() {
-    let fd = EPOLL.swap(-1, AcqRel);
-    if fd >= 0 {
-        ownfd::close(fd);
+    if EPOLL.load(Relaxed) >= 0 {
+        let fd = EPOLL.swap(-1, AcqRel);
+        if fd >= 0 {
+            ownfd::close(fd);
+        }
     }
-    POKE.store(0, Relaxed);
+    if POKE.load(Relaxed) != 0 {
+        POKE.store(0, Relaxed);
+    }
 }
 
 /// The watchdog's sleep: until poked or `timeout_ms` passed. True if poked.

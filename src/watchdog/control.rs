@@ -458,23 +458,33 @@ extern "C" fn thread_main(arg: *mut libc::c_void) -> *mut libc::c_void {
 /// In a forked child: the thread did not come along; fork()'s child handler starts a new one
 /// (start_if_wanted). Async-signal-safe: a _Fork() child runs it from a hook.
 pub fn after_fork_child() {
-    TID.store(0, Relaxed);
-    LAST_TID.store(0, Relaxed);
-    // No pause of the parent's goes on here: the threads that made them did not come along.
-    PAUSERS.store(0, Relaxed);
-    let pending = RESTART_PENDING.swap(false, Relaxed);
-    if STOP.load(Relaxed) != STOP_FORK {
-        STOP.store(STOP_NONE, Relaxed);
+    // Each store only if it changes something: a page the child does not write stays shared with
+    // the parent (no copy-on-write fault), and a fork-per-connection server forks per request.
+    macro_rules! set {
+        ($a:expr, $v:expr) => {
+            if $a.load(Relaxed) != $v {
+                $a.store($v, Relaxed);
+            }
+        };
     }
-    IS_CHILD.store(true, Relaxed);
-    RAN_HERE.store(false, Relaxed);
-    CHILD_CONN.store(0, Relaxed);
+    set!(TID, 0);
+    set!(LAST_TID, 0);
+    // No pause of the parent's goes on here: the threads that made them did not come along.
+    set!(PAUSERS, 0);
+    let pending = RESTART_PENDING.load(Relaxed);
+    set!(RESTART_PENDING, false);
+    if STOP.load(Relaxed) != STOP_FORK {
+        set!(STOP, STOP_NONE);
+    }
+    set!(IS_CHILD, true);
+    set!(RAN_HERE, false);
+    set!(CHILD_CONN, 0);
     let st = STATE.load(Relaxed);
     if st == RUNNING || (st == PAUSED && !settings::sandboxed()) || (st == IDLE && pending) || st == LAZY {
         if CHILD_MAY_START.load(Relaxed) {
             let tick = settings::get().map_or(1000, |rt| rt.cfg.scan_interval_ms.max(1));
             LAZY_DUE_MS.store(sys::now_ms() + tick, Relaxed);
-            STATE.store(LAZY, Relaxed);
+            set!(STATE, LAZY);
         } else {
             STATE.store(STOPPED, Relaxed);
         }
