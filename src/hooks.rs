@@ -147,9 +147,6 @@ macro_rules! read_hooks {
                     if $r <= 0 && crate::hooksafe::settings::active().is_some() {
                         read_end($fd, $r, $room);
                     }
-                    if crate::watchdog::control::is_lazy() {
-                        lazy_read($fd);
-                    }
                     $r
                 }
             )*
@@ -186,18 +183,6 @@ fn read_end(fd: c_int, r: isize, room: bool) {
         if m.is_tracked() && !m.has(flag::SAW_EOF) {
             s.set_flags(flag::SAW_EOF, 0);
         }
-    }
-}
-
-/// A read in a forked child that has no watchdog yet: one on a TCP socket keepfix tracks may
-/// start the child's own, once the child has outlived a scan tick (watchdog::child_due). That is
-/// how a long-lived child (a database backend serving one client for hours) is covered, while a
-/// child that serves one request and exits never gets a thread. Leaves errno alone.
-#[cold]
-fn lazy_read(fd: c_int) {
-    let Some(rt) = crate::hooksafe::settings::active() else { return };
-    if fdtable::slot(fd).is_some_and(|s| s.load().is_tracked()) {
-        watchdog::child_due(rt);
     }
 }
 

@@ -149,8 +149,9 @@ pub fn ensure_started(rt: &'static Runtime) {
 }
 
 /// In a forked child that has no watchdog yet (LAZY): starts one once the child has lived a scan
-/// tick. Called by listen/accept/connect, and by the read family on a TCP socket keepfix tracks
-/// (never by close or dup, which signal handlers call). One relaxed load anywhere else; here a
+/// tick. Called by listen/accept/connect only: never by read, write, close or dup, which signal
+/// handlers call (a SIGIO-driven server reads its sockets in one), where pthread_create() could
+/// deadlock on the malloc lock the handler interrupted. One relaxed load anywhere else; here a
 /// vDSO clock read, no system call, until it is due.
 #[inline]
 pub fn child_due(rt: &'static Runtime) {
