@@ -55,7 +55,11 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
   nofile           null without --raise-nofile; else {soft_before, hard, soft_after, uses_select
                     (true, false, null: cannot tell), decided_by, action (raised, would_raise,
                     unchanged, failed), error}
-  release          null (the place of --release's report)
+  release          null without --release; else {dry_run, placeholder, released: [{fd, peer}],
+                    skipped: [{fd, peer, reason}], stops (times the process was stopped),
+                    longest_stop_us, total_stop_us, threads, seccomp_suspended, interrupted
+                    (keepfix got SIGINT/SIGTERM mid-way: restored, detached, the rest left), error
+                    (null, or why the process could not be stopped or injected into: exit 1)}
   summary          {tcp_sockets, listeners, keepalive_set (under --dry-run: would set),
                     keepalive_kept, keepalive_app, keepalive_failed, close_wait, shut_down (under
                     --dry-run: would shut down), refused_sigpipe, close_wait_left, close}";
@@ -113,6 +117,10 @@ pub struct RescueArgs {
     /// Raise the soft RLIMIT_NOFILE to the hard limit (at most 1024 if the program uses select())
     #[arg(long)]
     raise_nofile: bool,
+    /// Free the sockets shut down: stop the process (ptrace, at most about 10 ms at a time) and put
+    /// a placeholder over each one's number; the number stays the program's
+    #[arg(long)]
+    release: bool,
     /// Repeat every DURATION (new sockets, outbound ones too, get keepalive) until SIGINT or SIGTERM
     #[arg(long, value_name = "DURATION")]
     watch: Option<String>,
@@ -135,6 +143,7 @@ pub struct Settings {
     pub after_ms: u64,
     pub force: bool,
     pub raise_nofile: bool,
+    pub release: bool,
     pub dry_run: bool,
 }
 
@@ -191,6 +200,7 @@ fn settings(args: &RescueArgs) -> Result<(Settings, Option<Duration>), Failure> 
         after_ms: c.close_wait_after_ms,
         force: args.force,
         raise_nofile: args.raise_nofile,
+        release: args.release,
         dry_run: args.dry_run,
     };
     Ok((s, watch))
@@ -526,7 +536,7 @@ pub struct ProcessRescue {
     pub close: Vec<DeadSocket>,
     pub nofile: Option<NofileEntry>,
     /// The release step's report (`--release`); null when it did not run.
-    pub release: Option<serde_json::Value>,
+    pub release: Option<crate::inject::ReleaseReport>,
     pub after: Snapshot,
     pub summary: Summary,
 }
@@ -845,9 +855,19 @@ pub fn rescue_pid(pid: u32, s: &Settings) -> Result<ProcessRescue, Refusal> {
         after: Snapshot::default(),
         summary: Summary::default(),
     };
-    // The release step (--release) goes here: it takes `report.shut_down()` (fd, inode, peer of
-    // each socket shut down in this pass), re-verifies each under its stop, and puts its own
-    // report in `report.release`.
+    if s.release {
+        // The sockets shut down in this pass (under --dry-run: those that would be), re-verified
+        // under the stop by the release step.
+        let targets = report.close_wait.iter().filter(|c| {
+            c.action == CloseWaitAction::ShutDown || (s.dry_run && c.action == CloseWaitAction::WouldShutDown)
+        });
+        let candidates = crate::inject::candidates(targets.map(|c| (c.fd, c.inode, c.peer_addr)));
+        report.release = Some(if s.dry_run {
+            crate::inject::dry_run(&candidates)
+        } else {
+            crate::inject::release(pid, &candidates, crate::inject::Limits::default())
+        });
+    }
     if s.raise_nofile {
         report.nofile = Some(raise_nofile(pid, s.dry_run));
     }
@@ -975,6 +995,9 @@ fn details(r: &ProcessRescue, s: &Settings) -> String {
         }
         t += &indent(&output::table(&rows), "    ");
     }
+    if let Some(rel) = &r.release {
+        t += &crate::inject::text(rel);
+    }
     if let Some(n) = &r.nofile {
         let limit = |l: Option<u64>| l.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
         let what = match n.action {
@@ -1005,6 +1028,7 @@ fn did_something(r: &ProcessRescue) -> bool {
     let m = &r.summary;
     m.keepalive_set + m.keepalive_failed + m.shut_down + m.refused_sigpipe > 0
         || r.nofile.as_ref().is_some_and(|n| n.action != NofileAction::Unchanged)
+        || r.release.as_ref().is_some_and(|x| !x.released.is_empty() || x.error.is_some())
 }
 
 // ---- the command -------------------------------------------------------------------------------
@@ -1028,8 +1052,24 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
         let mut processes = Vec::new();
         let mut failed = Vec::new();
         for &pid in &pids {
+            if crate::inject::was_interrupted() {
+                break;
+            }
             match rescue_pid(pid, &s) {
-                Ok(r) => processes.push(r),
+                Ok(r) => {
+                    if let Some(e) = r.release.as_ref().and_then(|x| x.error.as_ref()) {
+                        output::error(&format!("PID {pid}: --release: {e}"));
+                        failed_any = true;
+                    }
+                    if r.release.as_ref().is_some_and(|x| x.interrupted) && watch.is_none() {
+                        output::error(&format!(
+                            "PID {pid}: --release interrupted (SIGINT/SIGTERM): the process was restored \
+                             and let go; the sockets not released yet stay shut down at their numbers"
+                        ));
+                        failed_any = true;
+                    }
+                    processes.push(r)
+                }
                 Err(refusal) => {
                     output::error(&refusal.message);
                     failed.push(refusal);
@@ -1056,6 +1096,9 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
         // A process that cannot be rescued (gone, refused) is not tried again.
         pids.retain(|p| !failed.iter().any(|f| f.pid == *p));
         let Some(period) = watch else { break };
+        if crate::inject::was_interrupted() {
+            stop.store(true, Ordering::Relaxed);
+        }
         if pids.is_empty() {
             output::error("no process left to watch");
             break;
@@ -1089,6 +1132,7 @@ mod tests {
             after_ms: 30_000,
             force: false,
             raise_nofile: false,
+            release: false,
             dry_run: false,
         }
     }
