@@ -18,6 +18,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "keepfix/rescue_pause.rs"]
+mod rescue_pause;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -328,6 +330,7 @@ fn main() {
         ("3. hook cost", hook_cost),
         ("6. outbound connect", outbound),
         ("4-5. watchdog and memory", watchdog_and_memory),
+        ("7. rescue --release pause", rescue_pause::rescue_pause),
     ];
     let mut body = String::new();
     for (name, f) in sections {

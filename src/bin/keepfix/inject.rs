@@ -180,6 +180,8 @@ const PTRACE_INTERRUPT: u32 = 0x4207;
 const PTRACE_GETSIGMASK: u32 = 0x420a;
 const PTRACE_SETSIGMASK: u32 = 0x420b;
 const PTRACE_O_TRACESYSGOOD: usize = 1;
+const PTRACE_SETOPTIONS: u32 = 0x4200;
+const PTRACE_O_EXITKILL: usize = 1 << 20;
 const PTRACE_O_SUSPEND_SECCOMP: usize = 1 << 21;
 const PTRACE_EVENT_STOP: i32 = 128;
 
@@ -395,6 +397,8 @@ struct Stop {
     done: bool,
     /// aarch64: each thread's /proc/TID/syscall just before its interrupt (see `hand_back`).
     before: HashMap<i32, String>,
+    /// The ptrace options every thread was seized with.
+    options: usize,
 }
 
 /// Why a stop could not be made: the whole release is given up, with this reason.
@@ -409,6 +413,7 @@ impl Stop {
             waiting: vec![],
             done: false,
             before: HashMap::new(),
+            options,
         };
         let mut seen: HashSet<i32> = HashSet::new();
         loop {
@@ -878,6 +883,10 @@ fn batch(
         .map_err(|e| format!("PTRACE_GETSIGMASK: {e}"))?;
     let all: u64 = !0;
     ptrace(PTRACE_SETSIGMASK, inj.tid, 8, (&raw const all) as usize).map_err(|e| format!("PTRACE_SETSIGMASK: {e}"))?;
+    // While the injector's registers are keepfix's, keepfix dying (SIGKILL, the OOM killer) would
+    // let it run on with them: a program that continues with wrong registers may write wrong
+    // bytes anywhere. PTRACE_O_EXITKILL kills the process instead, for that window only.
+    let _ = ptrace(PTRACE_SETOPTIONS, inj.tid, 0, stop.options | PTRACE_O_EXITKILL);
 
     // Scratch memory for socketpair's two ints: below the thread's stack pointer, past the red
     // zone (128 bytes on x86_64), saved and written back.
@@ -895,8 +904,11 @@ fn batch(
         outcome = outcome.and(Err(format!("could not write its stack back at {scratch:#x}: {e}")));
     }
     let _ = ptrace(PTRACE_SETSIGMASK, inj.tid, 8, (&raw const sigmask) as usize);
-    if let Err(e) = arch::set_regs(inj.tid, &thread.restore) {
-        outcome = outcome.and(Err(format!("could not restore the registers of thread {}: {e}", inj.tid)));
+    match arch::set_regs(inj.tid, &thread.restore) {
+        Ok(()) => {
+            let _ = ptrace(PTRACE_SETOPTIONS, inj.tid, 0, stop.options);
+        }
+        Err(e) => outcome = outcome.and(Err(format!("could not restore the registers of thread {}: {e}", inj.tid))),
     }
     if restart_pending(&thread.restore) {
         // The kernel restarts an interrupted call only on its way out of its signal code: bring
