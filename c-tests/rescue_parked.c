@@ -8,6 +8,7 @@
  *   close N   close(N)  -> CLOSED fd=N ret=R errno=E
  *   write N   write(N, "x", 1) -> WROTE fd=N ret=R errno=E
  *   read N    read(N, buf, 1)  -> READ fd=N ret=R errno=E
+ *   cloexec N fcntl(N, F_SETFD, FD_CLOEXEC) -> CLOEXEC fd=N ret=R
  *   soft N    setrlimit(RLIMIT_NOFILE) soft N, hard kept -> SOFT n=N ret=R
  *   fill      dup(2) until EMFILE -> FILLED fds=N (the program at its limit)
  *   stats     -> STATS file_ok=K file_err=F
@@ -257,6 +258,8 @@ int main(int argc, char **argv)
                         errno = 0;
                         long r = read(fd, buf, 1);
                         printf("READ fd=%d ret=%ld errno=%d\n", fd, r, r < 0 ? errno : 0);
+                    } else if (sscanf(cmd, "cloexec %d", &fd) == 1) {
+                        printf("CLOEXEC fd=%d ret=%d\n", fd, fcntl(fd, F_SETFD, FD_CLOEXEC));
                     } else if (sscanf(cmd, "soft %d", &fd) == 1) {
                         struct rlimit rl;
                         getrlimit(RLIMIT_NOFILE, &rl);

@@ -33,6 +33,13 @@ fn fd_links(pid: i32) -> BTreeMap<i32, String> {
         .collect()
 }
 
+/// Whether fd `fd` of `pid` is close-on-exec (/proc/PID/fdinfo's flags, octal).
+fn has_cloexec(pid: i32, fd: i32) -> bool {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+    let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+    u64::from_str_radix(flags, 8).unwrap() & libc::O_CLOEXEC as u64 != 0
+}
+
 /// `keepfix rescue --release --after 0s --json [extra] PID`: exit code, the JSON, stderr.
 fn release(pid: i32, extra: &[&str]) -> (i32, serde_json::Value, String) {
     let out = Command::new(keepfix_bin())
@@ -149,6 +156,9 @@ fn release_frees_the_sockets_and_leaves_everything_else_alone() {
     wait_parked(pid);
     let mut live = live_client(port);
     let leaked = leak(&mut p, port, 4);
+    // One of them close-on-exec: its placeholder must be too, the others not.
+    p.send(&format!("cloexec {}", leaked[2].0));
+    assert_eq!(field(&p.expect("CLOEXEC"), "ret"), "0");
     let before = fd_links(pid);
 
     let (code, json, stderr) = release(pid, &[]);
@@ -182,6 +192,9 @@ fn release_frees_the_sockets_and_leaves_everything_else_alone() {
     }
     still_echoes(&mut live);
     drop(ping(port)); // the listener still accepts
+    for (i, (fd, _)) in leaked.iter().enumerate() {
+        assert_eq!(has_cloexec(pid, *fd), i == 2, "fd {fd}: O_CLOEXEC not as the program had it");
+    }
 
     // What the program sees at a released number: a shut-down socket's answers, and its own
     // close() of the number returns 0.
