@@ -32,6 +32,7 @@ pub struct ProcStatus {
     pub sig_ign: u64,
     pub sig_cgt: u64,
     pub cap_eff: u64,
+    pub threads: u32,
     /// 0 none, 1 strict, 2 filter; None on a kernel built without seccomp.
     pub seccomp: Option<u8>,
 }
@@ -63,6 +64,7 @@ fn parse_status(text: &str) -> ProcStatus {
             "SigIgn" => s.sig_ign = hex(),
             "SigCgt" => s.sig_cgt = hex(),
             "CapEff" => s.cap_eff = hex(),
+            "Threads" => s.threads = value.parse().unwrap_or(0),
             "Seccomp" => s.seccomp = value.parse().ok(),
             _ => {}
         }
@@ -172,17 +174,23 @@ pub struct Preflight {
     pub keepfix_seccomp: Seccomp,
     pub sigpipe: Sigpipe,
     pub fds: FdUse,
+    /// libkeepfix.so is mapped in the process (null: /proc/PID/maps unreadable).
+    pub keepfix_loaded: Option<bool>,
 }
 
 impl Preflight {
     /// The preflight as text lines (indented by the caller).
     pub fn lines(&self, force: bool) -> Vec<String> {
         let mut l = Vec::new();
-        l.push(format!("kernel:    {} (pidfd_getfd needs {}.{}): ok", self.kernel, MIN_KERNEL.0, MIN_KERNEL.1));
+        l.push(format!(
+            "kernel:    {} (pidfd_getfd, Linux {}.{}+): works, tried on keepfix's own fd",
+            self.kernel, MIN_KERNEL.0, MIN_KERNEL.1
+        ));
         let access = if self.keepfix_uid == self.target_uid {
             format!("same uid {} as keepfix: ok", self.target_uid)
         } else {
-            format!("uid {} (keepfix is uid {}, with CAP_SYS_PTRACE): ok", self.target_uid, self.keepfix_uid)
+            let how = if self.cap_sys_ptrace { "with CAP_SYS_PTRACE" } else { "the kernel allows it" };
+            format!("uid {} (keepfix is uid {}, {how}): ok", self.target_uid, self.keepfix_uid)
         };
         l.push(format!("access:    {access}"));
         l.push(format!(
@@ -193,6 +201,14 @@ impl Preflight {
             }
         ));
         l.push("traced:    no (TracerPid 0)".into());
+        l.push(format!(
+            "keepfix:   {}",
+            match self.keepfix_loaded {
+                Some(true) => "libkeepfix.so is loaded in it: its own keepalive and CLOSE_WAIT handling run already",
+                Some(false) => "not loaded (restart it under `keepfix run` for the lasting cure)",
+                None => "unknown (cannot read /proc/PID/maps)",
+            }
+        ));
         l.push(format!(
             "seccomp:   {} (no bearing without --release); keepfix's own: {}",
             self.seccomp.name(),
@@ -216,19 +232,32 @@ impl Preflight {
             .map(|s| format!(" ({}%)", self.fds.used as u64 * 100 / s))
             .unwrap_or_default();
         let limit = |l: Option<u64>| l.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+        let near = self.fds.soft_limit.is_some_and(|s| s > 0 && self.fds.used as u64 * 100 / s >= 80);
         l.push(format!(
-            "fds:       {} used of soft limit {}{percent}, hard limit {}",
+            "fds:       {} used of soft limit {}{percent}, hard limit {}{}",
             self.fds.used,
             limit(self.fds.soft_limit),
-            limit(self.fds.hard_limit)
+            limit(self.fds.hard_limit),
+            if near { ": near the limit (rescue frees no fd; --raise-nofile buys time)" } else { "" }
         ));
         l
     }
 }
 
-/// A process that passed the preflight: its pidfd, to take duplicates with.
+/// An open pidfd of the process: every duplicate is taken through it, so that a pid reused by
+/// another process after this one exited (during a pass, or between --watch passes) is never
+/// touched: pidfd_getfd then fails with ESRCH.
 pub struct Access {
     pub pidfd: OwnedFd,
+}
+
+impl Access {
+    /// Is the process still running? (A pidfd polls readable once the process has exited.)
+    pub fn alive(&self) -> bool {
+        let mut fds = [rustix::event::PollFd::new(&self.pidfd, rustix::event::PollFlags::IN)];
+        let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+        matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(0))
+    }
 }
 
 /// The kernel release, and whether it is at least `MIN_KERNEL`.
@@ -263,25 +292,52 @@ fn is_descendant(pid: u32) -> bool {
     false
 }
 
-/// Can keepfix take a duplicate of its own fd? Not under a seccomp filter that forbids
-/// pidfd_getfd (Docker's default profile without CAP_SYS_PTRACE).
-fn own_getfd_works() -> bool {
-    let Ok(pidfd) = rustix::process::pidfd_open(rustix::process::getpid(), PidfdFlags::empty()) else {
-        return false;
-    };
-    rustix::process::pidfd_getfd(&pidfd, pidfd.as_raw_fd(), PidfdGetfdFlags::empty()).is_ok()
+/// Can keepfix take a duplicate of its own fd? Not on a kernel without pidfd_getfd, nor under a
+/// seccomp filter that forbids it (Docker's default profile without CAP_SYS_PTRACE).
+fn own_getfd() -> Result<(), Errno> {
+    let pidfd = rustix::process::pidfd_open(rustix::process::getpid(), PidfdFlags::empty())?;
+    rustix::process::pidfd_getfd(&pidfd, pidfd.as_raw_fd(), PidfdGetfdFlags::empty()).map(drop)
+}
+
+/// Opens the process (once: a --watch keeps it). Refuses when keepfix cannot take duplicates at
+/// all (kernel, keepfix's own seccomp filter) or the process does not exist.
+pub fn open(pid: u32) -> Result<Access, Refusal> {
+    let (kernel, kernel_ok) = kernel();
+    let keepfix_seccomp = Seccomp::of(proc_status(None).unwrap_or_default().seccomp);
+    if let Err(e) = own_getfd() {
+        let err = errno_text(e);
+        return Err(if keepfix_seccomp == Seccomp::Filter {
+            Refusal::new(
+                pid,
+                Reason::Seccomp,
+                format!(
+                    "keepfix runs under a seccomp filter that forbids pidfd_open or pidfd_getfd ({err}); \
+                     Docker's default profile allows them only with CAP_SYS_PTRACE (--cap-add SYS_PTRACE)"
+                ),
+            )
+        } else if !kernel_ok || e == Errno::NOSYS {
+            Refusal::new(
+                pid,
+                Reason::Kernel,
+                format!(
+                    "kernel {kernel} has no pidfd_getfd ({err}); Linux {}.{} or later is needed",
+                    MIN_KERNEL.0, MIN_KERNEL.1
+                ),
+            )
+        } else {
+            Refusal::new(pid, Reason::Kernel, format!("pidfd_getfd fails even on keepfix's own fd: {err}"))
+        });
+    }
+    match rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty()) {
+        Ok(pidfd) => Ok(Access { pidfd }),
+        Err(Errno::SRCH) => Err(Refusal::new(pid, Reason::Gone, "no such process")),
+        Err(e) => Err(Refusal::new(pid, Reason::Kernel, format!("pidfd_open failed: {}", errno_text(e)))),
+    }
 }
 
 /// The preflight: reads everything it reports and refuses a process rescue cannot work on.
-pub fn check(pid: u32) -> Result<(Preflight, Access), Refusal> {
-    let (kernel, kernel_ok) = kernel();
-    if !kernel_ok {
-        return Err(Refusal::new(
-            pid,
-            Reason::Kernel,
-            format!("kernel {kernel} has no pidfd_getfd (Linux {}.{} or later is needed)", MIN_KERNEL.0, MIN_KERNEL.1),
-        ));
-    }
+pub fn check(pid: u32, access: &Access) -> Result<Preflight, Refusal> {
+    let (kernel, _) = kernel();
     let gone = |detail: &str| Refusal::new(pid, Reason::Gone, format!("no such process{detail}"));
     let status = match proc_status(Some(pid)) {
         Ok(s) => s,
@@ -294,8 +350,17 @@ pub fn check(pid: u32) -> Result<(Preflight, Access), Refusal> {
             ));
         }
     };
+    // What /proc says is about the pidfd's process only while that one is alive (its pid cannot
+    // be reused before it is reaped).
+    if !access.alive() {
+        return Err(gone(" (it has exited)"));
+    }
     if matches!(status.state, 'Z' | 'X') {
-        return Err(gone(" (it has exited: a zombie waiting for its parent)"));
+        return Err(gone(if status.threads > 1 {
+            " (its main thread has exited; its other threads run on, but their fds cannot be reached through it)"
+        } else {
+            " (it has exited: a zombie waiting for its parent)"
+        }));
     }
     let me = proc_status(None).unwrap_or_default();
     let keepfix_uid = rustix::process::geteuid().as_raw();
@@ -314,18 +379,6 @@ pub fn check(pid: u32) -> Result<(Preflight, Access), Refusal> {
         ));
     }
     let keepfix_seccomp = Seccomp::of(me.seccomp);
-    let pidfd = match rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty()) {
-        Ok(fd) => fd,
-        Err(Errno::SRCH) => return Err(gone("")),
-        Err(e) if keepfix_seccomp == Seccomp::Filter => {
-            return Err(Refusal::new(
-                pid,
-                Reason::Seccomp,
-                format!("pidfd_open failed ({}); keepfix itself runs under a seccomp filter", errno_text(e)),
-            ));
-        }
-        Err(e) => return Err(Refusal::new(pid, Reason::Kernel, format!("pidfd_open failed: {}", errno_text(e)))),
-    };
     let fds = match crate::procfs::fds(pid) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(gone("")),
@@ -348,17 +401,17 @@ pub fn check(pid: u32) -> Result<(Preflight, Access), Refusal> {
         }
     };
     // One duplicate, closed at once, proves that the others will work: pidfd_getfd checks ptrace
-    // access (PTRACE_MODE_ATTACH_REALCREDS), which Yama and seccomp can forbid.
+    // access (PTRACE_MODE_ATTACH_REALCREDS), which Yama can forbid.
     for fd in fds.iter().filter(|f| f.socket_inode.is_some()).chain(fds.iter()) {
-        match rustix::process::pidfd_getfd(&pidfd, fd.fd, PidfdGetfdFlags::empty()) {
+        match rustix::process::pidfd_getfd(&access.pidfd, fd.fd, PidfdGetfdFlags::empty()) {
             Ok(_duplicate) => break,
             Err(Errno::BADF) => continue, // closed meanwhile
             Err(Errno::SRCH) => return Err(gone("")),
-            Err(e) => return Err(getfd_refusal(pid, e, &status, yama, cap_sys_ptrace, keepfix_seccomp)),
+            Err(e) => return Err(getfd_refusal(pid, e, &status, yama, cap_sys_ptrace)),
         }
     }
     let (soft_limit, hard_limit) = crate::procfs::nofile_limits(pid).unwrap_or((None, None));
-    let preflight = Preflight {
+    Ok(Preflight {
         kernel,
         keepfix_uid,
         target_uid: status.uids[0],
@@ -369,8 +422,8 @@ pub fn check(pid: u32) -> Result<(Preflight, Access), Refusal> {
         keepfix_seccomp,
         sigpipe: status.sigpipe(),
         fds: FdUse { used: fds.len(), soft_limit, hard_limit },
-    };
-    Ok((preflight, Access { pidfd }))
+        keepfix_loaded: crate::procfs::has_keepfix(pid).ok(),
+    })
 }
 
 fn pid_of(pid: u32) -> Result<Pid, Refusal> {
@@ -380,15 +433,9 @@ fn pid_of(pid: u32) -> Result<Pid, Refusal> {
         .ok_or_else(|| Refusal::new(pid, Reason::Gone, "no such process (not a valid pid)"))
 }
 
-/// Why pidfd_getfd was refused: Yama, keepfix's own seccomp filter, or plain permission.
-fn getfd_refusal(
-    pid: u32,
-    e: Errno,
-    status: &ProcStatus,
-    yama: Option<u8>,
-    cap_sys_ptrace: bool,
-    keepfix_seccomp: Seccomp,
-) -> Refusal {
+/// Why pidfd_getfd was refused: Yama, or plain permission (keepfix's own seccomp filter was ruled
+/// out by `open`).
+fn getfd_refusal(pid: u32, e: Errno, status: &ProcStatus, yama: Option<u8>, cap_sys_ptrace: bool) -> Refusal {
     let err = errno_text(e);
     match yama {
         Some(3) => {
@@ -420,16 +467,6 @@ fn getfd_refusal(
             );
         }
         _ => {}
-    }
-    if keepfix_seccomp == Seccomp::Filter && !own_getfd_works() {
-        return Refusal::new(
-            pid,
-            Reason::Seccomp,
-            format!(
-                "pidfd_getfd failed ({err}): keepfix runs under a seccomp filter that forbids it (Docker's \
-                 default profile allows it only with CAP_SYS_PTRACE: --cap-add SYS_PTRACE)"
-            ),
-        );
     }
     let keepfix_uid = rustix::process::geteuid().as_raw();
     let why = if status.uids[0] != keepfix_uid && !cap_sys_ptrace {
@@ -467,5 +504,19 @@ mod tests {
         let caught = parse_status("SigIgn:\t0\nSigCgt:\t0000000000001002\n");
         assert_eq!(caught.sigpipe(), Sigpipe::Caught);
         assert_eq!(parse_status("SigIgn:\t0000000000000800\nSigCgt:\t0\n").sigpipe(), Sigpipe::Default);
+    }
+
+    #[test]
+    fn yama_and_permission_are_told_apart() {
+        let other_uid = ProcStatus { uids: [4242; 4], ..ProcStatus::default() };
+        let reason = |yama, cap| getfd_refusal(1, Errno::PERM, &other_uid, yama, cap).reason;
+        assert_eq!(reason(Some(3), true), Reason::Yama);
+        assert_eq!(reason(Some(2), false), Reason::Yama);
+        assert_eq!(reason(Some(1), false), Reason::Yama); // pid 1 is no descendant of the test
+        assert_eq!(reason(Some(2), true), Reason::Permission);
+        assert_eq!(reason(Some(0), false), Reason::Permission);
+        assert_eq!(reason(None, false), Reason::Permission);
+        let m = getfd_refusal(1, Errno::PERM, &other_uid, Some(1), false).message;
+        assert!(m.starts_with("process 1: ") && m.contains("ptrace_scope is 1"), "{m}");
     }
 }

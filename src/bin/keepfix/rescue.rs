@@ -3,14 +3,15 @@
 //! sockets, one at a time, and through it:
 //! - puts keepalive with keepfix's timings on it (listeners too: their options are copied to every
 //!   connection accepted later), the stricter value winning per option, as in the library;
-//! - shuts down (SHUT_RDWR) a socket left in CLOSE_WAIT for at least `--after`, unless SIGPIPE is
-//!   at its default disposition (a later write would kill the program) and `--force` is not given;
+//! - shuts down (SHUT_RDWR) a socket left idle in CLOSE_WAIT for at least `--after`, with nothing
+//!   unsent and (unless `--include-unread`) nothing unread, unless SIGPIPE is at its default
+//!   disposition (a later write would kill the program) and `--force` is not given;
 //! - closes the duplicate at once (it keeps the socket alive while it is open).
 //!
 //! Every decision is made on the object the duplicate holds (inode, TCP_INFO), never on a number:
 //! if the program closed the number and reused it meanwhile, keepfix sees the new object and acts
 //! on that one's state, or leaves it. The fd numbers stay the program's: freeing them needs a
-//! change inside the process (`--release`, which stops it), which is not in this file.
+//! change inside the process (`--release`, which stops it: src/bin/keepfix/inject.rs).
 
 use crate::config;
 use crate::preflight::{self, Access, Preflight, Refusal, Sigpipe};
@@ -35,20 +36,23 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
   pid, program     number; string (comm)
   preflight        {kernel, keepfix_uid, target_uid, cap_sys_ptrace, yama_ptrace_scope (null: no
                     Yama), tracer_pid, seccomp and keepfix_seccomp (none, strict, filter, unknown),
-                    sigpipe (ignored, caught, default), fds: {used, soft_limit, hard_limit}}
+                    sigpipe (ignored, caught, default), fds: {used, soft_limit, hard_limit},
+                    keepfix_loaded (libkeepfix.so mapped in it; null: cannot tell)}
   before, after    {fds, tcp_states: {established, syn_sent, syn_recv, fin_wait1, fin_wait2,
                     time_wait, close, close_wait, last_ack, listen, closing, total}, other_sockets}:
                     the process's TCP fds by state (TCP_INFO through the duplicate, so CLOSE too)
                     before anything was done and after
   keepalive        [{fd, inode, role (listener, connection), state, local, peer, before, after,
-                    action, error, accept_queue}]: every TCP socket. before/after are {on, idle_s, intvl_s, cnt,
-                    user_timeout_ms}; after is what the socket has now (under --dry-run: what it
-                    would get). action: set, would_set, kept (already at least as strict), app
-                    (--respect-app: keepalive was on), failed (error says why). accept_queue (a
-                    listener's, else null): connections queued before, which did not inherit
+                    action, error, accept_queue}]: every TCP socket. before/after are {on, idle_s,
+                    intvl_s, cnt, user_timeout_ms}; after is what the socket has now (under
+                    --dry-run: what it would get). action: set, would_set, kept (already at least
+                    as strict), app (--respect-app: keepalive was on), failed (error says why).
+                    accept_queue (a listener's, else null): connections queued before, which did
+                    not inherit
   close_wait       [{fd, inode, local, peer, idle_ms, recv_q, send_q, action, error}]: every socket
                     found in CLOSE_WAIT. action: shut_down, would_shut_down, refused_sigpipe, recent
-                    (idle less than --after), sending (unsent or unacknowledged bytes), changed (no
+                    (idle less than --after), sending (unsent or unacknowledged bytes), unread
+                    (received data the program has not read; --include-unread), changed (no
                     longer the same socket in CLOSE_WAIT when keepfix acted), failed
   close            [{fd, inode, local}]: sockets in CLOSE (reset, timed out, or never connected),
                     their fd still open; ss and sock_diag cannot see them
@@ -74,10 +78,16 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
         value wins, so keepfix never loosens what the program set. A listener passes the options on \
         to every connection it accepts later.\n\
         - every socket in CLOSE_WAIT idle (TCP_INFO: no data received, no ack received, no data \
-        sent) for at least --after is shut down (shutdown SHUT_RDWR): the peer gets its FIN, the \
+        sent) for at least --after, with nothing unsent and nothing left unread (unless \
+        --include-unread), is shut down (shutdown SHUT_RDWR): the peer gets its FIN, the \
         program's pollers wake, its reads return 0, its writes fail with EPIPE. Not where SIGPIPE \
         is at its default disposition (the write would kill the program), unless --force.\n\
-        - sockets in CLOSE (reset or timed out, fd still open) are counted and listed.\n\n\
+        - sockets in CLOSE (reset or timed out, fd still open) are counted and listed.\n\
+        - with --release, the sockets shut down are freed: with every thread of the process stopped \
+        (ptrace, about 10 ms at most per stop, the longest reported), each is checked again and its \
+        number gets a placeholder (a unix socket whose peer is closed: read 0, write EPIPE, like the \
+        shut-down socket); the number stays occupied and the program's own close() of it returns 0. \
+        keepfix never closes a number of the program.\n\n\
         A preflight prints what will and will not work before anything changes. The fd numbers stay \
         the program's: rescue frees no fd; for that the program must close them, or be restarted \
         under `keepfix run`.\n\n\
@@ -114,6 +124,10 @@ pub struct RescueArgs {
     /// Shut down even where SIGPIPE is at its default disposition (a later write kills the program)
     #[arg(long)]
     force: bool,
+    /// Shut down CLOSE_WAIT sockets with received data the program has not read yet, too (it may
+    /// still read it and answer; the data stays readable)
+    #[arg(long)]
+    include_unread: bool,
     /// Raise the soft RLIMIT_NOFILE to the hard limit (at most 1024 if the program uses select())
     #[arg(long)]
     raise_nofile: bool,
@@ -142,6 +156,7 @@ pub struct Settings {
     pub respect_app: bool,
     pub after_ms: u64,
     pub force: bool,
+    pub include_unread: bool,
     pub raise_nofile: bool,
     pub release: bool,
     pub dry_run: bool,
@@ -199,6 +214,7 @@ fn settings(args: &RescueArgs) -> Result<(Settings, Option<Duration>), Failure> 
         respect_app: args.respect_app,
         after_ms: c.close_wait_after_ms,
         force: args.force,
+        include_unread: args.include_unread,
         raise_nofile: args.raise_nofile,
         release: args.release,
         dry_run: args.dry_run,
@@ -453,6 +469,7 @@ pub enum CloseWaitAction {
     RefusedSigpipe,
     Recent,
     Sending,
+    Unread,
     Changed,
     Failed,
 }
@@ -725,6 +742,8 @@ fn shut_down(
         let sigpipe = preflight::proc_status(Some(pid)).map_err(|_| exited(pid))?.sigpipe();
         entry.action = if entry.send_q > 0 {
             CloseWaitAction::Sending
+        } else if entry.recv_q > 0 && !s.include_unread {
+            CloseWaitAction::Unread
         } else if u64::from(entry.idle_ms) < s.after_ms {
             CloseWaitAction::Recent
         } else if sigpipe == Sigpipe::Default && !s.force {
@@ -765,12 +784,16 @@ fn uses_select(pid: u32) -> (Option<bool>, String) {
     };
     let found = |mut names: Box<dyn Iterator<Item = String> + '_>| names.find(|n| SELECT_SYMBOLS.contains(&n.as_str()));
     if elf.dynamic_symbol_table().is_some() {
+        let count = elf.dynamic_symbols().count();
         let names = elf.dynamic_symbols().filter_map(|s| s.name().ok().map(str::to_string));
         return match found(Box::new(names)) {
             Some(name) => (Some(true), format!("{name} is among {path}'s dynamic symbols")),
             None => (
                 Some(false),
-                format!("no {} among {path}'s dynamic symbols (its libraries are not read)", SELECT_SYMBOLS.join(", ")),
+                format!(
+                    "no select, pselect or __fdelt_chk among {path}'s {count} dynamic symbols (its libraries \
+                     are not read)"
+                ),
             ),
         };
     }
@@ -837,11 +860,18 @@ fn raise_nofile(pid: u32, dry_run: bool) -> NofileEntry {
 
 /// Rescues one process: preflight, keepalive on every TCP socket, shutdown of the CLOSE_WAIT
 /// ones, the soft fd limit, and a last look.
-pub fn rescue_pid(pid: u32, s: &Settings) -> Result<ProcessRescue, Refusal> {
-    let (preflight, access) = preflight::check(pid)?;
+/// `show_preflight` gets the preflight before anything is changed.
+pub fn rescue_pid(
+    pid: u32,
+    access: &Access,
+    s: &Settings,
+    show_preflight: &mut dyn FnMut(&str, &Preflight),
+) -> Result<ProcessRescue, Refusal> {
+    let preflight = preflight::check(pid, access)?;
     let program = procfs::comm(pid).unwrap_or_else(|_| "?".into());
-    let scan = scan(pid, &access, s)?;
-    let close_wait = shut_down(pid, &access, &scan.candidates, s)?;
+    show_preflight(&program, &preflight);
+    let scan = scan(pid, access, s)?;
+    let close_wait = shut_down(pid, access, &scan.candidates, s)?;
     let mut report = ProcessRescue {
         pid,
         program,
@@ -855,7 +885,7 @@ pub fn rescue_pid(pid: u32, s: &Settings) -> Result<ProcessRescue, Refusal> {
         after: Snapshot::default(),
         summary: Summary::default(),
     };
-    if s.release {
+    if s.release && access.alive() {
         // The sockets shut down in this pass (under --dry-run: those that would be), re-verified
         // under the stop by the release step.
         let targets = report.close_wait.iter().filter(|c| {
@@ -868,10 +898,10 @@ pub fn rescue_pid(pid: u32, s: &Settings) -> Result<ProcessRescue, Refusal> {
             crate::inject::release(pid, &candidates, crate::inject::Limits::default())
         });
     }
-    if s.raise_nofile {
+    if s.raise_nofile && access.alive() {
         report.nofile = Some(raise_nofile(pid, s.dry_run));
     }
-    report.after = snapshot(pid, &access)?;
+    report.after = snapshot(pid, access)?;
     report.summary = summarise(&report);
     Ok(report)
 }
@@ -905,20 +935,36 @@ fn indent(text: &str, by: &str) -> String {
     text.lines().map(|l| format!("{by}{l}\n")).collect()
 }
 
-/// The full text report on one process.
-fn details(r: &ProcessRescue, s: &Settings) -> String {
-    let would = if s.dry_run { "would " } else { "" };
-    let mut t = format!("PID {} ({}){}\n", r.pid, r.program, if s.dry_run { ", dry run: nothing changed" } else { "" });
-    t += "  preflight:\n";
-    for l in r.preflight.lines(s.force) {
+/// `PID 1234 (name)`, the first line of a process's report.
+fn header(pid: u32, program: &str, s: &Settings) -> String {
+    format!("PID {pid} ({program}){}\n", if s.dry_run { ", dry run: nothing changed" } else { "" })
+}
+
+/// The preflight, printed before anything is changed.
+fn preflight_text(p: &Preflight, s: &Settings) -> String {
+    let mut t = String::from("  preflight:\n");
+    for l in p.lines(s.force) {
         t += &format!("    {l}\n");
     }
-    t += &format!("  before:     {}\n", snapshot_line(&r.before));
+    t
+}
+
+/// The text report on one process after its header and preflight: before, what was done, after.
+fn details(r: &ProcessRescue, s: &Settings) -> String {
+    let would = if s.dry_run { "would " } else { "" };
+    let mut t = format!("  before:     {}\n", snapshot_line(&r.before));
     let m = &r.summary;
     t += &format!(
-        "  keepalive:  {}set on {} of {} TCP sockets ({} listeners); {} already as strict; {} the program's \
+        "  keepalive:  {}set on {} of {} TCP sockets ({} listener{}); {} already as strict; {} the program's \
          (--respect-app); {} failed\n",
-        would, m.keepalive_set, m.tcp_sockets, m.listeners, m.keepalive_kept, m.keepalive_app, m.keepalive_failed
+        would,
+        m.keepalive_set,
+        m.tcp_sockets,
+        m.listeners,
+        if m.listeners == 1 { "" } else { "s" },
+        m.keepalive_kept,
+        m.keepalive_app,
+        m.keepalive_failed
     );
     let changed: Vec<&KeepaliveEntry> = r
         .keepalive
@@ -967,6 +1013,7 @@ fn details(r: &ProcessRescue, s: &Settings) -> String {
                 }
                 CloseWaitAction::Recent => format!("left: idle less than --after {}", config::show_ms(s.after_ms)),
                 CloseWaitAction::Sending => "left: data unsent or unacknowledged".into(),
+                CloseWaitAction::Unread => "left: the program has not read what it received (--include-unread)".into(),
                 CloseWaitAction::Changed => "left: closed or changed since the scan".into(),
                 CloseWaitAction::Failed => format!("failed: {}", c.error.clone().unwrap_or_default()),
             };
@@ -1043,19 +1090,52 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
             })?;
         }
     }
-    let mut pids = args.pids.clone();
-    pids.dedup();
+    let mut pids: Vec<u32> = Vec::new();
+    for &pid in &args.pids {
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
+    // Each process is opened once (a pidfd), and every later pass works through the same pidfd.
+    let mut opened: Vec<(u32, Access)> = Vec::new();
     let mut failed_any = false;
     let mut pass = 0u64;
     loop {
         pass += 1;
         let mut processes = Vec::new();
         let mut failed = Vec::new();
+        if watch.is_some() && !args.json {
+            output::line(&format!("pass {pass}"));
+        }
         for &pid in &pids {
             if crate::inject::was_interrupted() {
                 break;
             }
-            match rescue_pid(pid, &s) {
+            let access = match opened.iter().position(|(p, _)| *p == pid) {
+                Some(i) => Ok(i),
+                None => preflight::open(pid).map(|a| {
+                    opened.push((pid, a));
+                    opened.len() - 1
+                }),
+            };
+            // Text: the preflight is printed as soon as it is known, before anything changes
+            // (on the first pass; a later one prints only what it did).
+            let mut show = |program: &str, p: &Preflight| {
+                if !args.json && pass == 1 {
+                    output::out(&(header(pid, program, &s) + &preflight_text(p, &s)));
+                }
+            };
+            let result = access.and_then(|i| rescue_pid(pid, &opened[i].1, &s, &mut show));
+            if let (Ok(r), false) = (&result, args.json) {
+                output::out(&if pass == 1 {
+                    details(r, &s)
+                } else if did_something(r) {
+                    header(pid, &r.program, &s) + &details(r, &s)
+                } else {
+                    quiet_line(r)
+                });
+            }
+            match result {
                 Ok(r) => {
                     if let Some(e) = r.release.as_ref().and_then(|x| x.error.as_ref()) {
                         output::error(&format!("PID {pid}: --release: {e}"));
@@ -1083,15 +1163,6 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
                 if watch.is_some() { serde_json::to_string(&report) } else { serde_json::to_string_pretty(&report) }
                     .map_err(|e| Failure::new(exit::FAILED, format!("cannot write JSON: {e}")))?;
             output::line(&json);
-        } else {
-            let mut text = String::new();
-            if watch.is_some() {
-                text += &format!("pass {pass}\n");
-            }
-            for r in &processes {
-                text += &if pass == 1 || did_something(r) { details(r, &s) } else { quiet_line(r) };
-            }
-            output::out(&text);
         }
         // A process that cannot be rescued (gone, refused) is not tried again.
         pids.retain(|p| !failed.iter().any(|f| f.pid == *p));
@@ -1131,6 +1202,7 @@ mod tests {
             respect_app: false,
             after_ms: 30_000,
             force: false,
+            include_unread: false,
             raise_nofile: false,
             release: false,
             dry_run: false,

@@ -1,0 +1,3 @@
+module keepfix.test/rescue_server
+
+go 1.19
