@@ -33,6 +33,20 @@ fn fd_links(pid: i32) -> BTreeMap<i32, String> {
         .collect()
 }
 
+/// Each thread's scheduling policy and nice value (/proc/PID/task/TID/stat fields 19 and 41).
+fn policies(pid: i32) -> BTreeMap<i32, (String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            let f: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+            Some((tid, (f.get(16)?.to_string(), f.get(38)?.to_string())))
+        })
+        .collect()
+}
+
 /// Whether fd `fd` of `pid` is close-on-exec (/proc/PID/fdinfo's flags, octal).
 fn has_cloexec(pid: i32, fd: i32) -> bool {
     let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
@@ -160,6 +174,7 @@ fn release_frees_the_sockets_and_leaves_everything_else_alone() {
     p.send(&format!("cloexec {}", leaked[2].0));
     assert_eq!(field(&p.expect("CLOEXEC"), "ret"), "0");
     let before = fd_links(pid);
+    let sched_before = policies(pid);
 
     let (code, json, stderr) = release(pid, &[]);
     assert_eq!(code, 0, "stderr: {stderr}; {json}");
@@ -192,6 +207,8 @@ fn release_frees_the_sockets_and_leaves_everything_else_alone() {
     }
     still_echoes(&mut live);
     drop(ping(port)); // the listener still accepts
+    // keepfix may run the stopped threads SCHED_FIFO meanwhile: each has its own policy back.
+    assert_eq!(policies(pid), sched_before, "scheduling policies changed");
     for (i, (fd, _)) in leaked.iter().enumerate() {
         assert_eq!(has_cloexec(pid, *fd), i == 2, "fd {fd}: O_CLOEXEC not as the program had it");
     }
