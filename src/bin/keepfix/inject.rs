@@ -408,39 +408,6 @@ struct Stop {
     before: HashMap<i32, String>,
     /// The ptrace options every thread was seized with.
     options: usize,
-    /// Threads (0: keepfix itself, first) running SCHED_FIFO for the stop, and their policy before.
-    boosted: Vec<(i32, Boost)>,
-}
-
-/// A thread's scheduling policy before keepfix raised it to SCHED_FIFO for a stop.
-struct Boost {
-    policy: i32,
-    param: libc::sched_param,
-}
-
-impl Boost {
-    /// SCHED_FIFO priority 1 for `tid` (0: keepfix's thread), if it runs a normal policy and
-    /// keepfix may change it.
-    fn raise(tid: i32) -> Option<Boost> {
-        // SAFETY: plain calls with a local sched_param.
-        unsafe {
-            let policy = libc::sched_getscheduler(tid);
-            let mut param = libc::sched_param { sched_priority: 0 };
-            let normal =
-                matches!(policy & !libc::SCHED_RESET_ON_FORK, libc::SCHED_OTHER | libc::SCHED_BATCH | libc::SCHED_IDLE);
-            if policy < 0 || !normal || libc::sched_getparam(tid, &mut param) != 0 {
-                return None;
-            }
-            let fifo = libc::sched_param { sched_priority: 1 };
-            (libc::sched_setscheduler(tid, libc::SCHED_FIFO, &fifo) == 0).then_some(Boost { policy, param })
-        }
-    }
-
-    /// The policy (nice value included, it is kept meanwhile) as it was.
-    fn lower(self, tid: i32) {
-        // SAFETY: as above.
-        unsafe { libc::sched_setscheduler(tid, self.policy, &self.param) };
-    }
 }
 
 /// Why a stop could not be made: the whole release is given up, with this reason.
@@ -448,10 +415,6 @@ struct Refused(String);
 
 impl Stop {
     fn begin(pid: u32, options: usize, limits: &Limits) -> Result<Stop, Refused> {
-        // Under load a thread that keepfix wakes (to reach its stop, to run an injected call) may
-        // wait milliseconds for a CPU, and keepfix too: where allowed (CAP_SYS_NICE), keepfix and
-        // the stopped threads run SCHED_FIFO for the stop only. Entry 0 is keepfix's own.
-        let boosted: Vec<(i32, Boost)> = Boost::raise(0).map(|b| (0, b)).into_iter().collect();
         let mut stop = Stop {
             pid,
             started: Instant::now(),
@@ -460,7 +423,6 @@ impl Stop {
             done: false,
             before: HashMap::new(),
             options,
-            boosted,
         };
         let mut seen: HashSet<i32> = HashSet::new();
         loop {
@@ -487,13 +449,6 @@ impl Stop {
                 stop.waiting.push(tid);
                 // A thread that exited in between is found by its wait status.
                 let _ = ptrace(PTRACE_INTERRUPT, tid, 0, 0);
-                // Interrupted first: from here the thread runs no code of its own until the
-                // detach, so the boost only speeds its way to the stop and its injected calls.
-                if stop.boosted.first().is_some_and(|b| b.0 == 0)
-                    && let Some(b) = Boost::raise(tid)
-                {
-                    stop.boosted.push((tid, b));
-                }
             }
             stop.wait_all(limits)?;
         }
@@ -595,10 +550,6 @@ impl Stop {
             return;
         }
         self.done = true;
-        // Scheduling back as it was (the threads' before they run again; keepfix's own last).
-        for (tid, b) in self.boosted.drain(..).rev() {
-            b.lower(tid);
-        }
         for t in &self.threads {
             let _ = arch::set_regs(t.tid, &t.restore);
             let _ = ptrace(PTRACE_DETACH, t.tid, 0, 0);
