@@ -76,8 +76,9 @@ pub fn rescue_pause(cx: &mut Ctx) -> Vec<String> {
     cx.say(
         "\nThe stop of a batch is: interrupting every thread and waiting for each to reach its stop (the \
          threads must be scheduled to get there, so a loaded machine lengthens it), then per socket a \
-         pidfd_getfd, fstat, TCP_INFO, /proc/PID/fdinfo read and one injected dup3 (two ptrace syscall stops), \
-         and the close of keepfix's duplicate (the socket is freed there), then the restore and the detach.\n",
+         pidfd_getfd, fstat and TCP_INFO, one injected dup3 (two ptrace syscall stops) and the close of \
+         keepfix's duplicate (the socket is freed there), then the restore and the detach. The fd flags are \
+         read from /proc/PID/fdinfo before the stop.\n",
     );
     let met = if worst <= 12.0 { "met" } else { "not met on this run (see section 7)" };
     vec![format!(

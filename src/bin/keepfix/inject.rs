@@ -16,7 +16,8 @@
 //! - restore the registers, the signal mask and the scratch bytes exactly, and detach. A call the
 //!   stop interrupted restarts as after any signal; calls that a stop fails with EINTR
 //!   (epoll_wait, sigtimedwait, reads with a timeout) are handed back as -ERESTARTNOHAND, so the
-//!   kernel restarts them unless a signal handler runs (then they return EINTR, as they would).
+//!   kernel restarts them unless a signal handler runs (then they return EINTR, as they would);
+//!   on aarch64 they are re-armed by hand (see `hand_back`).
 //!
 //! A batch ends when its stop nears `max_stop`; the next one starts after the process has run
 //! again. SIGINT or SIGTERM of keepfix ends the batch at the next step, restored and detached.
@@ -177,6 +178,29 @@ pub fn text(r: &ReleaseReport) -> String {
         t += &format!("    not (all) released: {e}\n");
     }
     t
+}
+
+/// The preflight's seccomp line under --release: what the release will do about the filter.
+/// `line` is the preflight's own seccomp line, whose end (keepfix's own mode) is kept.
+pub fn preflight_seccomp(target: &crate::preflight::Seccomp, line: &str) -> String {
+    use crate::preflight::Seccomp;
+    let what = match target {
+        Seccomp::None => "none: --release injects its calls as they are".to_string(),
+        Seccomp::Unknown => "unknown (--release treats the filter as absent)".to_string(),
+        _ if may_suspend_seccomp() => "on: --release suspends it for its own calls (root)".to_string(),
+        _ => "on: --release will refuse (suspending it needs CAP_SYS_ADMIN, keepfix not under seccomp)".to_string(),
+    };
+    let own = line.rsplit_once("keepfix's own:").map_or("", |(_, o)| o.trim());
+    format!("seccomp:   {what}; keepfix's own: {own}")
+}
+
+/// Whether keepfix may suspend a target's seccomp filter (PTRACE_O_SUSPEND_SECCOMP): the kernel
+/// allows it to a tracer with CAP_SYS_ADMIN that is not under seccomp itself.
+fn may_suspend_seccomp() -> bool {
+    let own = |k: &str| status_field("/proc/self/status", k);
+    let cap_sys_admin =
+        own("CapEff").and_then(|c| u64::from_str_radix(&c, 16).ok()).is_some_and(|c| c & (1 << 21) != 0);
+    cap_sys_admin && own("Seccomp").is_none_or(|m| m == "0")
 }
 
 // ---- ptrace -------------------------------------------------------------------------------------
@@ -788,6 +812,12 @@ fn release_into(pid: u32, candidates: &[Candidate], limits: Limits, report: &mut
         .any(|s| s != "0");
     let mut options = PTRACE_O_TRACESYSGOOD;
     if seccomp {
+        if !may_suspend_seccomp() {
+            return Err("it runs under seccomp: an injected call its filter forbids could kill it, and suspending \
+                 the filter for keepfix's calls (PTRACE_O_SUSPEND_SECCOMP) needs CAP_SYS_ADMIN (root) and keepfix \
+                 not under seccomp itself; nothing was stopped"
+                .into());
+        }
         options |= PTRACE_O_SUSPEND_SECCOMP;
         report.seccomp_suspended = true;
     }

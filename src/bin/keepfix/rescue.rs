@@ -944,6 +944,11 @@ fn header(pid: u32, program: &str, s: &Settings) -> String {
 fn preflight_text(p: &Preflight, s: &Settings) -> String {
     let mut t = String::from("  preflight:\n");
     for l in p.lines(s.force) {
+        // With --release the target's seccomp mode matters: say what the release will do.
+        let l = match l.strip_prefix("seccomp:") {
+            Some(_) if s.release => crate::inject::preflight_seccomp(&p.seccomp, &l),
+            _ => l,
+        };
         t += &format!("    {l}\n");
     }
     t
