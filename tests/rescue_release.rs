@@ -359,7 +359,7 @@ fn dry_run_says_what_it_would_release_and_changes_nothing() {
 }
 
 #[test]
-fn a_thread_that_never_stops_is_waited_for_then_given_up_cleanly() {
+fn a_thread_that_cannot_stop_is_seen_before_anything_is_stopped() {
     // A thread vforks a child that sleeps 2.5 s: until then it waits in D state, and no ptrace
     // interrupt stops it. The leak comes after the vfork, so the child holds no copy of it.
     let mut p = Run::new("rescue_parked").plain().args(["--threads", "0"]).spawn();
@@ -376,7 +376,8 @@ fn a_thread_that_never_stops_is_waited_for_then_given_up_cleanly() {
     let t0 = Instant::now();
     let (code, json, stderr) = release(pid, &[]);
     assert_eq!(code, 1, "{stderr} {json}");
-    assert!(stderr.contains("did not stop"), "{stderr}");
+    assert!(stderr.contains(&format!("thread {tid} is in D state")), "{stderr}");
+    assert_eq!(report(&json)["stops"], 0, "a process with a thread in D state was stopped: {json}");
     assert!(t0.elapsed() < Duration::from_secs(2), "gave up only after {:?}", t0.elapsed());
     assert_eq!(fd_links(pid)[&leaked[0].0], format!("socket:[{}]", leaked[0].1), "refused, yet the fd changed");
     p.expect_within("VFORKED", Duration::from_secs(10));

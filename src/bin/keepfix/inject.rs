@@ -578,21 +578,41 @@ impl Stop {
             let _ = arch::set_regs(t.tid, &t.restore);
             let _ = ptrace(PTRACE_DETACH, t.tid, 0, 0);
         }
-        // Stragglers (D state): detach each as soon as it stops, for up to a second.
+        // Stragglers (D state): detach each as soon as it stops, for up to a second; the ones
+        // still running are kept for `tidy`, since they will stop when they leave D state.
         let deadline = Instant::now() + Duration::from_secs(1);
         while !self.waiting.is_empty() && Instant::now() < deadline {
-            self.waiting.retain(|&tid| match wait(tid, false) {
-                Ok(None) => true,
-                Ok(Some(s)) => match event(s) {
-                    Event::Gone => false,
-                    Event::Signal(sig) => ptrace(PTRACE_DETACH, tid, 0, sig as usize).is_err(),
-                    _ => ptrace(PTRACE_DETACH, tid, 0, 0).is_err(),
-                },
-                Err(_) => false,
-            });
+            self.waiting.retain(|&tid| !let_go(tid));
             std::thread::sleep(Duration::from_millis(1));
         }
+        stragglers().lock().unwrap_or_else(|e| e.into_inner()).append(&mut self.waiting);
     }
+}
+
+/// Threads seized and interrupted that had not stopped when keepfix gave up on them. Each stops
+/// when it leaves D state, and would stay stopped until keepfix detaches it or exits.
+fn stragglers() -> &'static std::sync::Mutex<Vec<i32>> {
+    static S: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+    &S
+}
+
+/// Detaches `tid` if it has stopped (or is gone); false while it still runs.
+fn let_go(tid: i32) -> bool {
+    match wait(tid, false) {
+        Ok(None) => false,
+        Ok(Some(s)) => match event(s) {
+            Event::Gone => true,
+            Event::Signal(sig) => ptrace(PTRACE_DETACH, tid, 0, sig as usize).is_ok(),
+            _ => ptrace(PTRACE_DETACH, tid, 0, 0).is_ok(),
+        },
+        Err(_) => true,
+    }
+}
+
+/// Lets go of the threads an earlier release gave up on and that have stopped since (rescue
+/// calls it on every --watch pass; the kernel lets the rest go when keepfix exits).
+pub fn tidy() {
+    stragglers().lock().unwrap_or_else(|e| e.into_inner()).retain(|&tid| !let_go(tid));
 }
 
 impl Drop for Stop {
@@ -840,6 +860,29 @@ fn release_into(pid: u32, candidates: &[Candidate], limits: Limits, report: &mut
             (Some(why), _) => report.skipped.push(skip(format!("{why}: releasing this number would not free it"))),
             (None, Err(e)) => report.skipped.push(skip(format!("cannot read its fd flags: {e}"))),
             (None, Ok(cloexec)) => todo.push_back(Candidate { cloexec, ..c.clone() }),
+        }
+    }
+
+    tidy();
+    // A thread in D state (uninterruptible: a vfork parent, a hung NFS call) does not stop until
+    // it leaves it: do not begin while one stays in it for 100 ms (a disk wait passes sooner).
+    // One that enters it just after this look is waited for (`stop_timeout`), then given up on.
+    let in_d = || {
+        tids(pid).unwrap_or_default().into_iter().find(|tid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
+            stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('D'))
+        })
+    };
+    for look in 0.. {
+        match in_d() {
+            None => break,
+            Some(tid) if look >= 20 => {
+                return Err(format!(
+                    "thread {tid} is in D state (uninterruptible sleep: it would not stop for ptrace); nothing \
+                     was stopped or changed; try again later"
+                ));
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
 

@@ -1112,6 +1112,7 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
         if watch.is_some() && !args.json {
             output::line(&format!("pass {pass}"));
         }
+        crate::inject::tidy();
         for &pid in &pids {
             if crate::inject::was_interrupted() {
                 break;
