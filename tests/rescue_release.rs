@@ -360,13 +360,13 @@ fn dry_run_says_what_it_would_release_and_changes_nothing() {
 
 #[test]
 fn a_thread_that_cannot_stop_is_seen_before_anything_is_stopped() {
-    // A thread vforks a child that sleeps 2.5 s: until then it waits in D state, and no ptrace
+    // A thread vforks a child that sleeps 10 s: until then it waits in D state, and no ptrace
     // interrupt stops it. The leak comes after the vfork, so the child holds no copy of it.
     let mut p = Run::new("rescue_parked").plain().args(["--threads", "0"]).spawn();
     let port = p.port();
     let pid = p.pid();
     wait_parked(pid);
-    p.send("vfork 2500");
+    p.send("vfork 10000");
     let tid: i32 = field(&p.expect("VFORKING"), "tid").parse().unwrap();
     eventually("the vforking thread in D state", Duration::from_secs(5), || {
         std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
@@ -380,7 +380,10 @@ fn a_thread_that_cannot_stop_is_seen_before_anything_is_stopped() {
     assert_eq!(report(&json)["stops"], 0, "a process with a thread in D state was stopped: {json}");
     assert!(t0.elapsed() < Duration::from_secs(2), "gave up only after {:?}", t0.elapsed());
     assert_eq!(fd_links(pid)[&leaked[0].0], format!("socket:[{}]", leaked[0].1), "refused, yet the fd changed");
-    p.expect_within("VFORKED", Duration::from_secs(10));
+    assert!(
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap().contains(") D"),
+        "the vforking thread left D state during the test: it proves nothing"
+    );
     drop(ping(port));
     assert_eq!(complaints(&mut p), Vec::<String>::new());
     let tracer = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -393,7 +396,7 @@ fn sigterm_mid_release_restores_and_detaches() {
     let port = p.port();
     let pid = p.pid();
     wait_parked(pid);
-    let leaked = leak(&mut p, port, 1500);
+    let leaked = leak(&mut p, port, 3000);
     let before = fd_links(pid);
     let child = Command::new(keepfix_bin())
         .args(["rescue", "--release", "--after", "0s", "--json", &pid.to_string()])
