@@ -892,7 +892,7 @@ fn release_into(pid: u32, candidates: &[Candidate], limits: Limits, report: &mut
             report.interrupted = true;
             break;
         }
-        let stop = match Stop::begin(pid, options, &limits) {
+        let mut stop = match Stop::begin(pid, options, &limits) {
             Ok(s) => s,
             Err(Refused(why)) => {
                 let why = if seccomp && why.contains("EPERM") {
@@ -907,10 +907,7 @@ fn release_into(pid: u32, candidates: &[Candidate], limits: Limits, report: &mut
             }
         };
         let result = batch(&stop, &mem, &pidfd, &mut todo, report, &limits, &mut vdso);
-
-        let mut stop = stop;
         stop.end_quietly();
-
         let took = stop.started.elapsed();
         report.stops += 1;
         report.threads = report.threads.max(stop.threads.len());
