@@ -42,7 +42,7 @@ fn round(n: usize) -> (f64, f64, f64, f64) {
 
 pub fn run(cx: &mut Ctx) -> Vec<String> {
     let rounds = if cx.plan.quick { 3 } else { 10 };
-    cx.say("## 7. `keepfix rescue --release`: how long the process is stopped\n");
+    cx.say("## 8. `keepfix rescue --release`: how long the process is stopped\n");
     cx.say(&format!(
         "`target/release/c-tests/rescue_parked --threads 0` (11 threads, started without keepfix), N connections \
          leaked into CLOSE_WAIT, then `keepfix rescue --release --after 0s --json PID`, {rounds} rounds per N, a \
