@@ -18,6 +18,8 @@ mod config;
 mod check;
 #[path = "keepfix/demo.rs"]
 mod demo;
+#[path = "keepfix/inject.rs"]
+mod inject;
 #[path = "keepfix/library.rs"]
 mod library;
 #[path = "keepfix/netcls.rs"]

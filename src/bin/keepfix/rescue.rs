@@ -11,7 +11,7 @@
 //! Every decision is made on the object the duplicate holds (inode, TCP_INFO), never on a number:
 //! if the program closed the number and reused it meanwhile, keepfix sees the new object and acts
 //! on that one's state, or leaves it. The fd numbers stay the program's: freeing them needs a
-//! change inside the process (`--release`, which stops it), which is not in this file.
+//! change inside the process (`--release`, which stops it: src/bin/keepfix/inject.rs).
 
 use crate::config;
 use crate::preflight::{self, Access, Preflight, Refusal, Sigpipe};
@@ -61,7 +61,11 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
   nofile           null without --raise-nofile; else {soft_before, hard, soft_after, uses_select
                     (true, false, null: cannot tell), decided_by, action (raised, would_raise,
                     unchanged, failed), error}
-  release          null (the place of --release's report)
+  release          null without --release; else {dry_run, placeholder, released: [{fd, peer}],
+                    skipped: [{fd, peer, reason}], stops (times the process was stopped),
+                    longest_stop_us, total_stop_us, threads, seccomp_suspended, interrupted
+                    (keepfix got SIGINT/SIGTERM mid-way: restored, detached, the rest left), error
+                    (null, or why the process could not be stopped or injected into: exit 1)}
   summary          {tcp_sockets, listeners, keepalive_set (under --dry-run: would set),
                     keepalive_kept, keepalive_app, keepalive_failed, close_wait, shut_down (under
                     --dry-run: would shut down), refused_sigpipe, close_wait_left, close}";
@@ -81,7 +85,12 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
         --include-unread), is shut down (shutdown SHUT_RDWR): the peer gets its FIN, the \
         program's pollers wake, its reads return 0, its writes fail with EPIPE. Not where SIGPIPE \
         is at its default disposition (the write would kill the program), unless --force.\n\
-        - sockets in CLOSE (reset or timed out, fd still open) are counted and listed.\n\n\
+        - sockets in CLOSE (reset or timed out, fd still open) are counted and listed.\n\
+        - with --release, the sockets shut down are freed: with every thread of the process stopped \
+        (ptrace, about 10 ms at most per stop, the longest reported), each is checked again and its \
+        number gets a placeholder (a unix socket whose peer is closed: read 0, write EPIPE, like the \
+        shut-down socket); the number stays occupied and the program's own close() of it returns 0. \
+        keepfix never closes a number of the program.\n\n\
         A preflight prints what will and will not work before anything changes. The fd numbers stay \
         the program's: rescue frees no fd; for that the program must close them, or be restarted \
         under `keepfix run`.\n\n\
@@ -125,6 +134,10 @@ pub struct RescueArgs {
     /// Raise the soft RLIMIT_NOFILE to the hard limit (at most 1024 if the program uses select())
     #[arg(long)]
     raise_nofile: bool,
+    /// Free the sockets shut down: stop the process (ptrace, at most about 10 ms at a time) and put
+    /// a placeholder over each one's number; the number stays the program's
+    #[arg(long)]
+    release: bool,
     /// Repeat every DURATION (new sockets, outbound ones too, get keepalive) until SIGINT or SIGTERM
     #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     watch: Option<String>,
@@ -148,6 +161,7 @@ pub struct Settings {
     pub force: bool,
     pub include_unread: bool,
     pub raise_nofile: bool,
+    pub release: bool,
     pub dry_run: bool,
 }
 
@@ -205,6 +219,7 @@ fn settings(args: &RescueArgs) -> Result<(Settings, Option<Duration>), Failure> 
         force: args.force,
         include_unread: args.include_unread,
         raise_nofile: args.raise_nofile,
+        release: args.release,
         dry_run: args.dry_run,
     };
     Ok((s, watch))
@@ -554,7 +569,7 @@ pub struct ProcessRescue {
     pub close: Vec<DeadSocket>,
     pub nofile: Option<NofileEntry>,
     /// The release step's report (`--release`); null when it did not run.
-    pub release: Option<serde_json::Value>,
+    pub release: Option<crate::inject::ReleaseReport>,
     pub after: Snapshot,
     pub summary: Summary,
 }
@@ -909,9 +924,19 @@ pub fn rescue_pid(
         after: Snapshot::default(),
         summary: Summary::default(),
     };
-    // The release step (--release) goes here: it takes `report.shut_down()` (fd, inode, peer of
-    // each socket shut down in this pass), re-verifies each under its stop, and puts its own
-    // report in `report.release`.
+    if s.release && access.alive() {
+        // The sockets shut down in this pass (under --dry-run: those that would be), re-verified
+        // under the stop by the release step.
+        let targets = report.close_wait.iter().filter(|c| {
+            c.action == CloseWaitAction::ShutDown || (s.dry_run && c.action == CloseWaitAction::WouldShutDown)
+        });
+        let candidates = crate::inject::candidates(targets.map(|c| (c.fd, c.inode, c.peer_addr)));
+        report.release = Some(if s.dry_run {
+            crate::inject::dry_run(&candidates)
+        } else {
+            crate::inject::release(pid, &candidates, crate::inject::Limits::default())
+        });
+    }
     if s.raise_nofile && access.alive() {
         report.nofile = Some(raise_nofile(pid, s.dry_run));
     }
@@ -958,6 +983,11 @@ fn header(pid: u32, program: &str, s: &Settings) -> String {
 fn preflight_text(p: &Preflight, s: &Settings) -> String {
     let mut t = String::from("  preflight:\n");
     for l in p.lines(s.force) {
+        // With --release the target's seccomp mode matters: say what the release will do.
+        let l = match l.strip_prefix("seccomp:") {
+            Some(_) if s.release => crate::inject::preflight_seccomp(&p.seccomp, &l),
+            _ => l,
+        };
         t += &format!("    {l}\n");
     }
     t
@@ -1057,6 +1087,9 @@ fn details(r: &ProcessRescue, s: &Settings) -> String {
         }
         t += &indent(&output::table(&rows), "    ");
     }
+    if let Some(rel) = &r.release {
+        t += &crate::inject::text(rel);
+    }
     if let Some(n) = &r.nofile {
         let limit = |l: Option<u64>| l.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
         let what = match n.action {
@@ -1087,6 +1120,7 @@ fn did_something(r: &ProcessRescue) -> bool {
     let m = &r.summary;
     m.keepalive_set + m.keepalive_failed + m.shut_down + m.refused_sigpipe > 0
         || r.nofile.as_ref().is_some_and(|n| n.action != NofileAction::Unchanged)
+        || r.release.as_ref().is_some_and(|x| !x.released.is_empty() || x.error.is_some())
 }
 
 // ---- the command -------------------------------------------------------------------------------
@@ -1132,7 +1166,11 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
         if watch.is_some() && !args.json {
             output::line(&format!("pass {pass}"));
         }
+        crate::inject::tidy();
         for &pid in &pids {
+            if crate::inject::was_interrupted() {
+                break;
+            }
             let access = match opened.iter().position(|(p, _)| *p == pid) {
                 Some(i) => Ok(i),
                 None => preflight::open(pid).map(|a| {
@@ -1158,7 +1196,20 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
                 });
             }
             match result {
-                Ok(r) => processes.push(r),
+                Ok(r) => {
+                    if let Some(e) = r.release.as_ref().and_then(|x| x.error.as_ref()) {
+                        output::error(&format!("PID {pid}: --release: {e}"));
+                        failed_any = true;
+                    }
+                    if r.release.as_ref().is_some_and(|x| x.interrupted) && watch.is_none() {
+                        output::error(&format!(
+                            "PID {pid}: --release interrupted (SIGINT/SIGTERM): the process was restored \
+                             and let go; the sockets not released yet stay shut down at their numbers"
+                        ));
+                        failed_any = true;
+                    }
+                    processes.push(r)
+                }
                 Err(refusal) => {
                     output::error(&refusal.message);
                     failed.push(refusal);
@@ -1176,6 +1227,9 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
         // A process that cannot be rescued (gone, refused) is not tried again.
         pids.retain(|p| !failed.iter().any(|f| f.pid == *p));
         let Some(period) = watch else { break };
+        if crate::inject::was_interrupted() {
+            stop.store(true, Ordering::Relaxed);
+        }
         if pids.is_empty() {
             output::error("no process left to watch");
             break;
@@ -1210,6 +1264,7 @@ mod tests {
             force: false,
             include_unread: false,
             raise_nofile: false,
+            release: false,
             dry_run: false,
         }
     }
