@@ -12,14 +12,14 @@
  * (preloaded) service ever runs.  Finally it applies the -e variables and
  * execvp()s PROG.
  *
- * Usage: sd_launch [-e NAME=VALUE]... [--queue K] [--count N] -- PROG [ARGS...]
+ * Usage: sd_launch [-e NAME=VALUE]... [--queue K] [--count N] [--idle S] -- PROG [ARGS...]
  * stdout: READY port=P1 [port2=P2 port3=P3 ...], QUEUED n=K,
  *         QUEUE_TIMEOUT n=X want=K (then exit 1)
  */
 #define _GNU_SOURCE
 #include "common.h"
 
-#define USAGE "usage: sd_launch [-e NAME=VALUE]... [--queue K] [--count N] -- PROG [ARGS...]"
+#define USAGE "usage: sd_launch [-e NAME=VALUE]... [--queue K] [--count N] [--idle S] -- PROG [ARGS...]"
 
 static int accept_queue_len(int fd)
 {
@@ -35,10 +35,11 @@ int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
     char *envs[64];
-    int nenv = 0, queue = -1, count = 1;
+    int nenv = 0, queue = -1, count = 1, idle = 0;
     static const struct option opts[] = {
         { "queue", required_argument, NULL, 'q' },
         { "count", required_argument, NULL, 'n' },
+        { "idle", required_argument, NULL, 'i' },
         { "env", required_argument, NULL, 'e' },
         { 0, 0, 0, 0 },
     };
@@ -50,6 +51,8 @@ int main(int argc, char **argv)
             queue = (int)parse_long(optarg, "--queue");
         else if (c == 'n')
             count = (int)parse_long(optarg, "--count");
+        else if (c == 'i')
+            idle = (int)parse_long(optarg, "--idle");
         else
             die(USAGE);
     }
@@ -64,6 +67,10 @@ int main(int argc, char **argv)
     int tmp[64], ports[64];
     for (int i = 0; i < count; i++) {
         int fd = listen_on(AF_INET, 0, 0, 0);
+        /* --idle S: TCP_KEEPIDLE on the listener with SO_KEEPALIVE left off, as a service whose
+         * unit sets the timing and whose code turns keepalive on per connection. */
+        if (idle > 0 && setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle) < 0)
+            die("TCP_KEEPIDLE:");
         ports[i] = local_port(fd);
         tmp[i] = fcntl(fd, F_DUPFD, 3 + count);
         if (tmp[i] < 0)

@@ -315,7 +315,6 @@ fn watch_shuts_down_a_half_closed_socket_that_keepalive_acks_keep_recent() {
 /// `stricter_already`.) Fix: per option, keep a stricter (> 0, no larger) value whether
 /// keepalive is on or off (`plan_keepalive`'s `cur.on &&`).
 #[test]
-#[ignore = "BROKE (design): with keepalive off, rescue replaces a stricter program timing (TCP_KEEPIDLE 5 s on a listener) by its own 60 s"]
 fn a_stricter_timing_set_while_keepalive_is_off_is_kept() {
     let mut p = Run::new("break14_kaoff").plain().spawn();
     let port = p.port();

@@ -171,6 +171,24 @@ fn systemd_activated_listener_and_connections_queued_before_load() {
 }
 
 #[test]
+fn an_inherited_listeners_stricter_timing_stays_although_keepalive_was_off() {
+    // The listener comes with TCP_KEEPIDLE 5 and SO_KEEPALIVE off: the program's timing, which
+    // its connections inherit. keepfix turns keepalive on and never loosens that 5 to its 60.
+    let mut p = Run::path(c_program("sd_launch"))
+        .plain()
+        .args(["-e".to_string(), format!("LD_PRELOAD={}", lib().display())])
+        .args(["--idle", "5", "--"])
+        .args([c_program("sd_server").display().to_string()])
+        .spawn();
+    let port = p.port();
+    p.expect("READY fds=1");
+    let _c = ping(port);
+    let fd = accepted_fd(&mut p);
+    assert_eq!(keepalive_of(p.pid(), 3), ka(5, 10, 6), "the inherited listener");
+    assert_eq!(keepalive_of(p.pid(), fd), ka(5, 10, 6), "its connection");
+}
+
+#[test]
 fn program_turning_keepalive_off_keeps_it_on_and_gets_libc_result() {
     let mut p = Run::new("ka_off_server").args(["--idle", "30", "0"]).spawn();
     let port = p.port();

@@ -213,16 +213,18 @@ pub fn has_ours(fd: RawFd, s: &Settings, skip: u32) -> bool {
 /// whose options it cannot know from the setsockopt hook. One getsockopt per option.
 pub fn stricter_already(fd: RawFd, s: &Settings) -> u32 {
     let Some(b) = sys::borrow(fd) else { return 0 };
-    // Keepalive off makes the timings moot: only once it is on do they count as the program's.
-    if !sockopt::socket_keepalive(b).unwrap_or(false) {
-        return 0;
-    }
-    ORDER
+    // Per option, whether keepalive is on yet or not: a program may set a short idle on a
+    // listener and turn keepalive on per accepted connection, which inherit it. (A value never
+    // set reads as the system's default, 7200/75/9 unless net.ipv4.tcp_keepalive_* were lowered:
+    // stricter than keepfix's only if an administrator made it so, and then it stays too.)
+    let on = sockopt::socket_keepalive(b).unwrap_or(false);
+    let timings = ORDER
         .iter()
         .filter(|&&opt| {
             opt != Opt::KeepAlive && get(b, opt).is_ok_and(|v| stricter(opt, Some(v as c_int), s) == Verdict::Program)
         })
-        .fold(flag::APP_KEEPALIVE, |acc, opt| acc | opt.app_flag())
+        .fold(0, |acc, opt| acc | opt.app_flag());
+    if on { timings | flag::APP_KEEPALIVE } else { timings }
 }
 
 /// Applies keepfix's options to a freshly tracked socket and records the outcome in its slot;

@@ -297,7 +297,9 @@ pub fn plan_keepalive(cur: &Keepalive, s: &Settings) -> Option<KeepalivePlan> {
     if s.respect_app && cur.on {
         return None;
     }
-    let timing = |value: u32, ours: u32| (!(cur.on && program_wins(value, ours))).then_some(ours);
+    // Per option the stricter value wins, whether keepalive is on yet or not: a program may set
+    // a short idle on a listener and turn keepalive on per connection, which inherit it.
+    let timing = |value: u32, ours: u32| (!program_wins(value, ours)).then_some(ours);
     let idle_s = timing(cur.idle_s, s.idle_s).filter(|v| *v != cur.idle_s);
     let intvl_s = timing(cur.intvl_s, s.intvl_s).filter(|v| *v != cur.intvl_s);
     let cnt = timing(cur.cnt, s.cnt).filter(|v| *v != cur.cnt);
@@ -1290,8 +1292,11 @@ mod tests {
             p,
             KeepalivePlan { idle_s: None, intvl_s: Some(10), cnt: Some(6), user_timeout_ms: None, turn_on: false }
         );
-        // Keepalive off: the timings are in force nowhere, keepfix's are set.
+        // Keepalive off: stricter timings stay all the same (the program may turn keepalive on
+        // per accepted connection, which inherit them); looser ones (the kernel's) become ours.
         let p = plan_keepalive(&ka(false, 5, 5, 2, 0), &settings()).unwrap();
+        assert_eq!((p.idle_s, p.intvl_s, p.cnt, p.turn_on), (None, None, None, true));
+        let p = plan_keepalive(&ka(false, 7200, 75, 9, 0), &settings()).unwrap();
         assert_eq!((p.idle_s, p.intvl_s, p.cnt, p.turn_on), (Some(60), Some(10), Some(6), true));
         // Already keepfix's: nothing to do.
         assert!(plan_keepalive(&ka(true, 60, 10, 6, 0), &settings()).unwrap().is_empty());
