@@ -1,0 +1,104 @@
+/*
+ * break13_lazy - a prefork worker and its cousins, against keepfix's lazy watchdog in forked
+ * children (issue 13, change 1). The parent listens (its watchdog starts there), then forks one
+ * worker, which is LAZY: it gets a watchdog of its own only after a scan tick, at its next
+ * listen/accept/connect/read of a tracked socket, or at once when it goes back to accept() still
+ * holding the connection it accepted last.
+ *
+ * MODE:
+ *   one      the worker accepts one connection, reads it to EOF, forgets to close it, and goes
+ *            back to accept() (blocking, for ever): the case the design covers (control).
+ *   proxy    a prefork proxy's worker: it accepts a client, connect()s to a backend (BACKEND,
+ *            the test's listener), reads the client to EOF, closes the backend connection (the
+ *            last one it made) and forgets the client's, then goes back to accept().
+ *   forkfn   as `one`, but the worker is made with _Fork() (no fork handlers).
+ *   connect  the worker makes its own socket(), connect()s it to the listener (the handshake
+ *            completes in the backlog), and sleeps.
+ *
+ * Usage: break13_lazy MODE PORT [BACKEND]
+ * stdout: READY port=P, WORKER pid=W, then the worker's LEAKED pid=W fd=N (one, proxy, forkfn)
+ *         or CONNECTED pid=W fd=N (connect). The parent ends on stdin EOF or SIGTERM and kills
+ *         the worker.
+ */
+#define _GNU_SOURCE
+#include "common.h"
+#include <sys/wait.h>
+
+static void drain_to_eof(int fd)
+{
+    char buf[512];
+    for (;;) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return;
+    }
+}
+
+static int connect_to(int port)
+{
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_storage ss;
+    socklen_t len = make_addr(AF_INET, "127.0.0.1", port, &ss);
+    if (s < 0 || connect(s, (struct sockaddr *)&ss, len) < 0)
+        die("connect:");
+    return s;
+}
+
+static void worker(const char *mode, int l, int port, int backend)
+{
+    if (!strcmp(mode, "connect")) {
+        int s = connect_to(port);
+        printf("CONNECTED pid=%d fd=%d\n", (int)getpid(), s);
+        fflush(stdout);
+        for (;;)
+            pause();
+    }
+    int c1 = accept(l, NULL, NULL);
+    if (c1 < 0)
+        die("accept:");
+    int c2 = -1;
+    if (!strcmp(mode, "proxy"))
+        c2 = connect_to(backend);
+    drain_to_eof(c1);
+    if (c2 >= 0)
+        close(c2);
+    /* c1 is forgotten: in CLOSE_WAIT, held for ever. */
+    printf("LEAKED pid=%d fd=%d\n", (int)getpid(), c1);
+    fflush(stdout);
+    for (;;) {
+        int c = accept(l, NULL, NULL);
+        if (c >= 0)
+            close(c);
+        else if (errno != EINTR)
+            die("accept:");
+    }
+}
+
+int main(int argc, char **argv)
+{
+    proto_init();
+    if (argc != 3 && argc != 4)
+        die("usage: break13_lazy one|proxy|forkfn|connect PORT [BACKEND]");
+    int backend = argc == 4 ? parse_port(argv[3]) : 0;
+    const char *mode = argv[1];
+    int l = bind_host_on(AF_INET, "127.0.0.1", parse_port(argv[2]), 0, 0);
+    if (listen(l, 16) < 0)
+        die("listen:");
+    int port = local_port(l);
+    printf("READY port=%d\n", port);
+    fflush(stdout);
+    pid_t w = !strcmp(mode, "forkfn") ? _Fork() : fork();
+    if (w < 0)
+        die("fork:");
+    if (w == 0)
+        worker(mode, l, port, backend);
+    printf("WORKER pid=%d\n", (int)w);
+    char b[64];
+    while (!g_term && read(0, b, sizeof b) > 0)
+        ;
+    kill(w, SIGKILL);
+    waitpid(w, NULL, 0);
+    return 0;
+}
