@@ -144,3 +144,111 @@ fn a_signal_handlers_read_plain_control() {
     let summary = lines.iter().find(|l| l.starts_with("SUMMARY")).unwrap_or_else(|| panic!("{lines:?}"));
     assert_eq!(field(summary, "hung"), "0", "{lines:#?}");
 }
+
+// ---- Change 2: the log's rate limit -------------------------------------------------------------
+
+/// `rounds` batches of 10 clients that connect and close at once, one batch per 100 ms tick:
+/// 10 leaks a tick, 10 `close_wait` lines a tick in log mode (the detector's own cap, which
+/// folds the rest into a summary), 100 lines a second against the log's 5.
+fn leaks(p: &mut Proc, port: u16, rounds: usize) {
+    for _ in 0..rounds {
+        for _ in 0..10 {
+            drop(TcpStream::connect(("127.0.0.1", port)).unwrap());
+        }
+        for _ in 0..10 {
+            p.expect("EOF");
+        }
+        std::thread::sleep(Duration::from_millis(110));
+    }
+}
+
+/// A break13_logflood server whose log has a `suppressed` count pending: 100 leaks over a second
+/// (60 lines written, a first `suppressed` line as soon as a token is back), then 30 more 600 ms
+/// later (a few written with the tokens that came back, the rest held; the next `suppressed`
+/// line is due 10 s after the first).
+fn flooded() -> Proc {
+    let mut p = Run::new("break13_logflood")
+        .env("KEEPFIX_SCAN_INTERVAL", "100ms")
+        .env("KEEPFIX_CLOSE_WAIT_AFTER", "0s")
+        .args(["0"])
+        .spawn();
+    let port = p.port();
+    leaks(&mut p, port, 10);
+    p.wait_log(&["suppressed lines="], Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(600));
+    leaks(&mut p, port, 3);
+    // Two ticks: the detector has seen the 30 new ones.
+    std::thread::sleep(Duration::from_millis(200));
+    p
+}
+
+/// Attack (BROKE on df1ce8f): after a flood, emit() holds back every line while a `suppressed`
+/// count is pending, until that count may be written (10 s after the previous one), however many
+/// tokens came back meanwhile; a held line is only counted, never written. Here, 2 s after the
+/// flood (10 tokens back), the program changes RLIMIT_NOFILE: its `rlimit_nofile` line never
+/// appears; the log has `suppressed lines=N` in its place 10 s later. Fails if the held lines
+/// are not let through when the rate allows.
+#[test]
+#[ignore = "BROKE: a line that comes while a suppressed count is pending is lost although the rate allows it (see breaker13 report)"]
+fn a_line_after_a_flood_is_written_when_the_rate_allows() {
+    let mut p = flooded();
+    std::thread::sleep(Duration::from_secs(2));
+    p.send("rlimit 900");
+    assert_eq!(field(&p.expect("RLIMIT"), "rc"), "0");
+    p.wait_log(&["rlimit_nofile soft=900"], Duration::from_secs(3));
+}
+
+/// Attack (BROKE on df1ce8f): the same, with a seccomp filter: keepfix's `sandboxed` line is
+/// held and counted, and from then on keepfix makes no system call, so neither that line nor the
+/// `suppressed` count of the lines held before it is ever written: the log ends in the middle of
+/// the flood with nothing to say that lines were lost or that keepfix stopped.
+#[test]
+#[ignore = "BROKE: the sandboxed line and the pending suppressed count are lost for good (see breaker13 report)"]
+fn sandboxed_after_a_flood_is_written_and_the_held_lines_are_counted() {
+    let mut p = flooded();
+    std::thread::sleep(Duration::from_secs(2));
+    let before = p.log_lines("suppressed lines=").len();
+    p.send("seccomp");
+    assert_eq!(field(&p.expect("SECCOMP"), "rc"), "0");
+    let sandboxed = p.wait_log(&["sandboxed"], Duration::from_secs(3));
+    assert!(
+        p.log_lines("suppressed lines=").len() > before,
+        "the lines held before `{sandboxed}` are never counted:\n{}",
+        p.stderr()
+    );
+}
+
+/// Attack (BROKE on df1ce8f): a flood just before a normal exit. The destructor's
+/// flush_suppressed(true) writes the pending count only if a token is left, and the flood took
+/// them all: the log ends with no `suppressed` line for the lines it held. Fails if the count at
+/// exit waits for the rate.
+#[test]
+#[ignore = "BROKE: the suppressed count pending at exit is not written when no token is left (see breaker13 report)"]
+fn the_count_pending_at_exit_is_written() {
+    let mut p = Run::new("break13_logflood")
+        .env("KEEPFIX_SCAN_INTERVAL", "100ms")
+        .env("KEEPFIX_CLOSE_WAIT_AFTER", "0s")
+        .args(["0"])
+        .spawn();
+    let port = p.port();
+    // 8 ticks of 10 lines: the bucket of 60 is empty, and the last lines are held (the first
+    // `suppressed` line waits for a token). Exit before a token comes back (200 ms).
+    leaks(&mut p, port, 8);
+    let err = exit_and_log(p);
+    let logged = err.matches("close_wait fd=").count();
+    assert!(logged < 80, "nothing was held back: {logged} lines\n{err}");
+    assert!(err.contains("suppressed lines="), "80 leaks, {logged} lines, no suppressed line:\n{err}");
+}
+
+/// Sends `exit`, waits for the program to end, and returns its whole stderr (keepfix's log).
+fn exit_and_log(mut p: Proc) -> String {
+    p.send("exit");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the program did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The reader thread copies the last bytes after the pipe's end.
+    std::thread::sleep(Duration::from_millis(200));
+    p.stderr()
+}
