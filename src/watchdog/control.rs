@@ -402,6 +402,8 @@ fn log_sandboxed() {
         return;
     }
     log::event(&Event::Sandboxed);
+    // keepfix makes no system call from now on: the count of lines held back is said now or never.
+    log::flush_suppressed(true);
 }
 
 /// Called by fork()'s prepare handler: decides whether the child may start a watchdog of its own.
