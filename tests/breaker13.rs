@@ -246,3 +246,89 @@ fn exit_and_log(mut p: Proc) -> String {
     std::thread::sleep(Duration::from_millis(200));
     p.stderr()
 }
+
+// ---- Change 2: figures at EMFILE past the probe cap ---------------------------------------------
+
+/// Attack (HELD): a full table under a soft limit of 20000 (a JVM's), past the census's probe cap
+/// of 16384 numbers (at EMFILE keepfix gives its /proc/self/fd back, so it would have to probe).
+/// The emfile line says `used_min=20000` (a lower bound) and `breakdown=not_counted`, never a
+/// breakdown of zeros or a `used=` it did not count. Measured: `emfile listener=3
+/// action=rejected_pending_connection errno=EMFILE used_min=20000 limit=20000
+/// breakdown=not_counted reason=proc_fd_unavailable`.
+#[test]
+fn an_emfile_line_past_the_probe_cap_says_not_counted() {
+    let mut p = Run::new("fdfill_poll").env("KEEPFIX_SCAN_INTERVAL", "100ms").args(["--nofile", "20000", "0"]).spawn();
+    let port = p.port();
+    p.expect("FILLED");
+    let mut held = vec![];
+    let l = loop {
+        held.push(TcpStream::connect(("127.0.0.1", port)).unwrap());
+        if let Some(l) = p.log_lines("emfile listener=").into_iter().next() {
+            break l;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(held.len() < 8, "no emfile line: {}", p.stderr());
+    };
+    assert!(l.contains("limit=20000"), "{l}");
+    let counted = l.contains(" used=");
+    if counted {
+        // A count it really took: the parts add up and it is the whole table.
+        let n = |k: &str| -> u64 { field(&l, k).parse().unwrap() };
+        assert_eq!(n("used"), n("tcp") + n("other_sockets") + n("other_fds") + n("keepfix"), "{l}");
+        assert!(n("used") >= 19990 && n("tcp_listen") == 1, "{l}");
+    } else {
+        assert_eq!(field(&l, "used_min"), "20000", "{l}");
+        assert!(l.contains("breakdown=not_counted reason="), "{l}");
+        assert!(!l.contains("tcp="), "a breakdown that was not counted: {l}");
+    }
+}
+
+// ---- Change 2: a lower bound without /proc ------------------------------------------------------
+
+/// Attack (BROKE on df1ce8f): with no /proc/self/fd to count (a mount namespace whose /proc is
+/// an empty tmpfs) and a soft limit past the probe cap (20000), keepfix's `used_min=` and
+/// keepfix_fds_used_min are the highest number accept() ever returned plus one
+/// (emfile::MAX_FD_SEEN, which never goes down). A server that peaked at 3000 fds and closed
+/// them holds 5 fds, yet the metrics say "At least this many fds are open" = 3004 and the
+/// `rlimit_nofile` line says used_min=3004: a stale figure presented as a bound of the present.
+/// The same figure is written for 60 s after an EMFILE past the probe cap (ownfd::give_way).
+#[test]
+fn a_lower_bound_without_proc_is_never_the_old_peak() {
+    if !require_root("a mount namespace with an empty /proc") {
+        return;
+    }
+    let dir = TempDir::new("b13peak");
+    let prog = c_program("break13_fdpeak");
+    let mut p = Run::path("/usr/bin/unshare".into())
+        .args(["--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /proc && exec \"$0\" 0"])
+        .args([prog.to_str().unwrap()])
+        .env("KEEPFIX_SCAN_INTERVAL", "100ms")
+        .env("KEEPFIX_METRICS", dir.str())
+        .nofile(20000)
+        .spawn();
+    let port = p.port();
+    p.send("open 3000");
+    p.expect("OPENED");
+    let _c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    p.send("accept");
+    let fd: u64 = field(&p.expect("ACCEPT"), "fd").parse().unwrap();
+    assert!(fd >= 3000);
+    p.send("closeall");
+    p.expect("CLOSED");
+    p.send("rlimit 19000");
+    assert_eq!(field(&p.expect("RLIMIT"), "rc"), "0");
+    let line = p.wait_log(&["rlimit_nofile soft=19000"], Duration::from_secs(5));
+    // Three writes after the close.
+    std::thread::sleep(Duration::from_millis(400));
+    let open_now = fd_count(p.pid()) as f64;
+    let m = await_metrics(dir.path(), p.pid());
+    let figure = m.get("keepfix_fds_used").or(m.get("keepfix_fds_used_min")).copied();
+    let figure = figure.unwrap_or_else(|| panic!("no fds figure in the metrics: {m:?}"));
+    assert!(
+        figure <= open_now + 2.0,
+        "the metrics say at least {figure} fds are open; {open_now} are (peak fd {fd}); {m:?}"
+    );
+    let used = line.split_whitespace().find(|w| w.starts_with("used")).unwrap_or_else(|| panic!("{line}"));
+    let n: f64 = used.split('=').nth(1).unwrap().parse().unwrap();
+    assert!(n <= open_now + 2.0, "{line}: {open_now} fds open");
+}
