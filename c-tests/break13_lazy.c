@@ -14,15 +14,62 @@
  *   forkfn   as `one`, but the worker is made with _Fork() (no fork handlers).
  *   connect  the worker makes its own socket(), connect()s it to the listener (the handshake
  *            completes in the backlog), and sleeps.
+ *   nested   the worker forks a grandchild at once and sleeps; the grandchild does what `one`
+ *            does (LEAKED names the grandchild).
+ *   setuid   the worker drops to nobody (setgroups, setgid, setuid) while LAZY, then does what
+ *            `one` does.
+ *   mt       the worker accepts one connection and keeps it; 8 threads made after the fork peek
+ *            at it (recv MSG_PEEK|MSG_DONTWAIT) in a loop for 2 s, so that several reach the
+ *            tick's start at once; then it prints MT pid=W keepfix_threads=K (its tasks named
+ *            keepfix) and sleeps.
  *
  * Usage: break13_lazy MODE PORT [BACKEND]
- * stdout: READY port=P, WORKER pid=W, then the worker's LEAKED pid=W fd=N (one, proxy, forkfn)
+ * stdout: READY port=P, WORKER pid=W, then the worker's LEAKED pid=W fd=N (one, proxy, forkfn,
+ *         nested), MT ... (mt)
  *         or CONNECTED pid=W fd=N (connect). The parent ends on stdin EOF or SIGTERM and kills
  *         the worker.
  */
 #define _GNU_SOURCE
 #include "common.h"
+#include <pthread.h>
+#include <grp.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
+
+static int mt_conn = -1;
+
+static void *peeker(void *arg)
+{
+    (void)arg;
+    long long end = now_ms() + 2000;
+    char b;
+    while (now_ms() < end)
+        (void)recv(mt_conn, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    return NULL;
+}
+
+static int keepfix_threads(void)
+{
+    DIR *d = opendir("/proc/self/task");
+    struct dirent *e;
+    int n = 0;
+    if (!d)
+        return -1;
+    while ((e = readdir(d))) {
+        char path[300], comm[64] = "";
+        if (e->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (f) {
+            if (fgets(comm, sizeof comm, f) && !strcmp(comm, "keepfix\n"))
+                n++;
+            fclose(f);
+        }
+    }
+    closedir(d);
+    return n;
+}
 
 static void drain_to_eof(int fd)
 {
@@ -55,9 +102,38 @@ static void worker(const char *mode, int l, int port, int backend)
         for (;;)
             pause();
     }
+    if (!strcmp(mode, "setuid")) {
+        gid_t none[1] = { 65534 };
+        if (setgroups(1, none) < 0 || setgid(65534) < 0 || setuid(65534) < 0)
+            die("setuid:");
+        mode = "one";
+    }
+    if (!strcmp(mode, "nested")) {
+        pid_t g = fork();
+        if (g < 0)
+            die("fork:");
+        if (g > 0)
+            for (;;)
+                pause();
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* ends with the worker the parent kills */
+        mode = "one"; /* the grandchild */
+    }
     int c1 = accept(l, NULL, NULL);
     if (c1 < 0)
         die("accept:");
+    if (!strcmp(mode, "mt")) {
+        pthread_t t[8];
+        mt_conn = c1;
+        for (int i = 0; i < 8; i++)
+            if (pthread_create(&t[i], NULL, peeker, NULL) != 0)
+                die("pthread_create");
+        for (int i = 0; i < 8; i++)
+            pthread_join(t[i], NULL);
+        printf("MT pid=%d keepfix_threads=%d\n", (int)getpid(), keepfix_threads());
+        fflush(stdout);
+        for (;;)
+            pause();
+    }
     int c2 = -1;
     if (!strcmp(mode, "proxy"))
         c2 = connect_to(backend);

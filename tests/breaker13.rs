@@ -40,7 +40,10 @@ fn worker_leak_is_found(mode: &str) -> (bool, String) {
     let w = worker(&mut p);
     let _c = client_then_fin(port);
     let leaked = p.expect("LEAKED");
-    assert_eq!(field(&leaked, "pid"), w.to_string());
+    if mode != "nested" {
+        assert_eq!(field(&leaked, "pid"), w.to_string());
+    }
+    let w: i32 = field(&leaked, "pid").parse().unwrap();
     let fd = field(&leaked, "fd");
     let want = [format!("keepfix[{w}]: close_wait fd={fd} "), "action=logged".to_string()];
     let deadline = Instant::now() + Duration::from_secs(4);
@@ -89,6 +92,53 @@ fn lazy_worker_holding_an_earlier_connection_is_covered() {
 fn lazy_fork_fn_worker_back_in_accept_with_its_connection_is_covered() {
     let (found, why) = worker_leak_is_found("forkfn");
     assert!(found, "{why}");
+}
+
+/// Attack (HELD): a grandchild (the LAZY worker forks again at once): it is LAZY too, and its
+/// leak, back in accept(), is found under its own pid. Fails if a LAZY parent's fork left the
+/// grandchild without a watchdog for good (after_fork_child's `st == LAZY`).
+#[test]
+fn a_lazy_workers_own_child_is_covered_too() {
+    let (found, why) = worker_leak_is_found("nested");
+    assert!(found, "{why}");
+}
+
+/// Attack (HELD): a LAZY worker drops to nobody (setgroups, setgid, setuid: the pause hooks run
+/// with no thread to stop), then leaks and goes back to accept(): its watchdog starts, finds the
+/// leak, and runs as nobody with no capability (its task's Uid and CapEff, read from outside).
+#[test]
+fn a_lazy_worker_that_drops_privileges_gets_an_unprivileged_watchdog() {
+    if !require_root("setuid to nobody") {
+        return;
+    }
+    let (found, why) = worker_leak_is_found("setuid");
+    assert!(found, "{why}");
+    let pid: i32 = why.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let tid = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|t| std::fs::read_to_string(format!("/proc/{pid}/task/{t}/comm")).is_ok_and(|c| c.trim() == "keepfix"))
+        .unwrap_or_else(|| panic!("no keepfix thread: {why}"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    let line = |k: &str| status.lines().find(|l| l.starts_with(k)).unwrap_or("").to_string();
+    assert!(line("Uid:").split_whitespace().skip(1).all(|u| u == "65534"), "{}", line("Uid:"));
+    assert!(line("CapEff:").ends_with("0000000000000000"), "{}", line("CapEff:"));
+}
+
+/// Attack (HELD): 8 threads of a LAZY worker, made after the fork, peek at a tracked connection
+/// in a loop across the tick, so that several reach child_due's start at once: exactly one
+/// thread named keepfix comes of it. Fails if start_child's compare-and-swap is removed.
+#[test]
+fn threads_racing_a_lazy_workers_start_make_one_watchdog() {
+    for _ in 0..3 {
+        let mut p = Run::new("break13_lazy").env("KEEPFIX_SCAN_INTERVAL", "300ms").args(["mt", "0"]).spawn();
+        let port = p.port();
+        let w = worker(&mut p);
+        let _c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let l = p.expect("MT");
+        assert_eq!(field(&l, "pid"), w.to_string());
+        assert_eq!(field(&l, "keepfix_threads"), "1", "{l}\n{}", p.stderr());
+    }
 }
 
 /// Attack (HELD): a LAZY worker's own socket()+connect() has keepfix's keepalive at once, while
