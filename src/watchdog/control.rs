@@ -223,12 +223,12 @@ fn start_child(rt: &'static Runtime) {
         LAZY_DUE_MS.store(sys::now_ms() + tick, Relaxed);
         return;
     }
-    if STATE.compare_exchange(LAZY, IDLE, SeqCst, Relaxed).is_err() {
-        return;
-    }
     // The task limit, as prepare_fork would have checked it: only the parent can give a task back.
-    if !tasks_far_away() {
-        STATE.store(STOPPED, Relaxed);
+    // Read before the state changes: a store of STOPPED after LAZY -> IDLE could overwrite the
+    // RUNNING of a thread another hook started meanwhile (from IDLE, without this check), and a
+    // pause would then not end that thread before a setuid.
+    let far = tasks_far_away();
+    if STATE.compare_exchange(LAZY, if far { IDLE } else { STOPPED }, SeqCst, Relaxed).is_err() || !far {
         return;
     }
     start(rt);
