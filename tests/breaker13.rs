@@ -382,3 +382,25 @@ fn a_lower_bound_without_proc_is_never_the_old_peak() {
     let n: f64 = used.split('=').nth(1).unwrap().parse().unwrap();
     assert!(n <= open_now + 2.0, "{line}: {open_now} fds open");
 }
+
+// ---- Layers: what a hook may reach in the watchdog ----------------------------------------------
+
+/// Attack (HELD): the hooks reach the watchdog's layer only through watchdog::control's entry
+/// points (start, step aside, the lazy child's checks), never detector, monitor, metrics, report
+/// or fds, which allocate and read /proc. `cargo test --test layers` lets layer 3 import any
+/// lower module; this pins the narrower rule for src/hooks.rs. Fails if a hook names another
+/// watchdog module.
+#[test]
+fn hooks_reach_the_watchdog_only_through_control() {
+    let src = std::fs::read_to_string(root().join("src/hooks.rs")).unwrap();
+    let code: String = src.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
+    let mut rest = code.as_str();
+    let mut seen = 0;
+    while let Some(i) = rest.find("crate::watchdog") {
+        rest = &rest[i + "crate::watchdog".len()..];
+        let path: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':').collect();
+        assert!(path.starts_with("::control"), "a hook reaches crate::watchdog{path}");
+        seen += 1;
+    }
+    assert!(seen > 0, "src/hooks.rs names no watchdog path at all: the check reads the wrong file");
+}
