@@ -51,6 +51,8 @@ sections! {
     hook_cost => "3. hook cost",
     outbound => "6. outbound connect",
     watchdog_memory => "4-5. watchdog and memory",
+    children => "7. children",
+    rescue_pause => "8. rescue --release pause",
 }
 
 const LIBKEEPALIVE: &str = "/usr/lib/libkeepalive.so";

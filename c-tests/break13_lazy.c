@@ -18,10 +18,10 @@
  *            does (LEAKED names the grandchild).
  *   setuid   the worker drops to nobody (setgroups, setgid, setuid) while LAZY, then does what
  *            `one` does.
- *   mt       the worker accepts one connection and keeps it; 8 threads made after the fork peek
- *            at it (recv MSG_PEEK|MSG_DONTWAIT) in a loop for 2 s, so that several reach the
- *            tick's start at once; then it prints MT pid=W keepfix_threads=K (its tasks named
- *            keepfix) and sleeps.
+ *   mt       8 threads made after the fork connect() fresh sockets to BACKEND (a closed port:
+ *            refused at once) in a loop for 2 s, so that several reach the tick's start at
+ *            once; then the worker prints MT pid=W keepfix_threads=K (its tasks named keepfix)
+ *            and sleeps.
  *
  * Usage: break13_lazy MODE PORT [BACKEND]
  * stdout: READY port=P, WORKER pid=W, then the worker's LEAKED pid=W fd=N (one, proxy, forkfn,
@@ -36,15 +36,21 @@
 #include <sys/prctl.h>
 #include <sys/wait.h>
 
-static int mt_conn = -1;
+static int mt_port;
 
-static void *peeker(void *arg)
+static void *connector(void *arg)
 {
     (void)arg;
+    struct sockaddr_storage ss;
+    socklen_t len = make_addr(AF_INET, "127.0.0.1", mt_port, &ss);
     long long end = now_ms() + 2000;
-    char b;
-    while (now_ms() < end)
-        (void)recv(mt_conn, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    while (now_ms() < end) {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        if (s < 0)
+            continue;
+        (void)connect(s, (struct sockaddr *)&ss, len);
+        close(s);
+    }
     return NULL;
 }
 
@@ -118,14 +124,11 @@ static void worker(const char *mode, int l, int port, int backend)
         prctl(PR_SET_PDEATHSIG, SIGKILL); /* ends with the worker the parent kills */
         mode = "one"; /* the grandchild */
     }
-    int c1 = accept(l, NULL, NULL);
-    if (c1 < 0)
-        die("accept:");
     if (!strcmp(mode, "mt")) {
         pthread_t t[8];
-        mt_conn = c1;
+        mt_port = backend;
         for (int i = 0; i < 8; i++)
-            if (pthread_create(&t[i], NULL, peeker, NULL) != 0)
+            if (pthread_create(&t[i], NULL, connector, NULL) != 0)
                 die("pthread_create");
         for (int i = 0; i < 8; i++)
             pthread_join(t[i], NULL);
@@ -134,6 +137,9 @@ static void worker(const char *mode, int l, int port, int backend)
         for (;;)
             pause();
     }
+    int c1 = accept(l, NULL, NULL);
+    if (c1 < 0)
+        die("accept:");
     int c2 = -1;
     if (!strcmp(mode, "proxy"))
         c2 = connect_to(backend);

@@ -15,7 +15,10 @@
  * it prints DONE and exits. The parent waits RUN_MS + 2 s for each; a worker that has not ended
  * by then is HUNG (its main thread's wchan is printed) and killed.
  *
- * Usage: break13_sigread WORKERS RUN_MS
+ * With --connect the handler instead makes a socket(), connect()s it to a closed port (refused at
+ * once) and closes it: connect() is async-signal-safe too, and it starts a LAZY child's watchdog.
+ *
+ * Usage: break13_sigread [--connect] WORKERS RUN_MS
  * stdout: READY, DONE pid=W threads=T handlers=H, HUNG pid=W wchan=..., SUMMARY done=D hung=H
  */
 #define _GNU_SOURCE
@@ -24,15 +27,25 @@
 #include <sys/time.h>
 #include <sys/wait.h>
 
-static int conn = -1;
+static int conn = -1, use_connect;
+static struct sockaddr_storage closed_addr;
+static socklen_t closed_len;
 static volatile sig_atomic_t handled;
 
 static void on_alarm(int sig)
 {
     (void)sig;
     int saved = errno;
-    char b;
-    (void)recv(conn, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (use_connect) {
+        int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        if (s >= 0) {
+            (void)connect(s, (struct sockaddr *)&closed_addr, closed_len);
+            close(s);
+        }
+    } else {
+        char b;
+        (void)recv(conn, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    }
     handled++;
     errno = saved;
 }
@@ -101,9 +114,18 @@ static void work(long run_ms)
 int main(int argc, char **argv)
 {
     proto_init();
+    if (argc == 4 && !strcmp(argv[1], "--connect")) {
+        use_connect = 1;
+        argv++;
+        argc--;
+    }
     if (argc != 3)
-        die("usage: break13_sigread WORKERS RUN_MS");
+        die("usage: break13_sigread [--connect] WORKERS RUN_MS");
     long workers = parse_long(argv[1], "workers"), run_ms = parse_long(argv[2], "run_ms");
+    /* A port nobody listens on: a listener's, closed again. */
+    int tmp = bind_host_on(AF_INET, "127.0.0.1", 0, 0, 0);
+    closed_len = make_addr(AF_INET, "127.0.0.1", local_port(tmp), &closed_addr);
+    close(tmp);
     int l = bind_host_on(AF_INET, "127.0.0.1", 0, 0, 0);
     if (listen(l, 16) < 0)
         die("listen:");

@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <time.h>
@@ -85,6 +86,19 @@ static UNUSED void proto_init(void)
 }
 
 /* ---- small utilities -------------------------------------------------- */
+
+/* CPU time (user + system, µs) of this process, all its threads, and its reaped children. */
+static UNUSED long long tree_cpu_us(void)
+{
+    long long us = 0;
+    struct rusage ru;
+    int who[2] = { RUSAGE_SELF, RUSAGE_CHILDREN };
+    for (int i = 0; i < 2; i++)
+        if (getrusage(who[i], &ru) == 0)
+            us += (long long)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000 + ru.ru_utime.tv_usec +
+                  ru.ru_stime.tv_usec;
+    return us;
+}
 
 static UNUSED long parse_long(const char *s, const char *what)
 {

@@ -5,13 +5,13 @@
  *
  * A child reads lines and answers "pong" to each, until EOF. Then, by default, it closes the
  * connection and exits. With --linger MS it keeps the connection it has seen the end of for MS
- * milliseconds more, reading it again (each read returns 0) every 20 ms: a long-lived child
- * that forgot its socket but still calls the C library. With --hold MS it keeps serving for at
- * least MS milliseconds before it looks for EOF (a long session).
+ * milliseconds more, and every 200 ms makes a short connection to the server's own port (as a
+ * backend queries its database): a long-lived child that forgot its socket.
  *
  * Just before it exits, a child prints CHILD pid=P threads=T fd=N served=S (T: the threads in
  * its /proc/self/task). The parent reaps children (SIGCHLD) and on SIGTERM or stdin EOF prints
- * STATS accepted=A forks=F.
+ * STATS accepted=A forks=F cpu_us=U (U: the CPU time, getrusage, of the parent and of every child
+ * reaped so far).
  *
  * Usage: fork_server [--linger MS] [--quiet] PORT
  * stdout: READY port=P, CHILD ..., STATS ...
@@ -43,6 +43,9 @@ static void reap(int sig)
     errno = saved;
 }
 
+static int g_port; /* the listener's port: a lingering child connects to it, as a backend
+                    * talks to its database */
+
 static void serve(int fd, long linger_ms, int quiet)
 {
     char buf[4096];
@@ -53,6 +56,11 @@ static void serve(int fd, long linger_ms, int quiet)
             continue;
         if (n <= 0)
             break;
+        if (served == 0 && n >= 2 && buf[0] == 'q' && buf[1] == '\n') {
+            /* A lingering sibling's query: answered by exiting, without a CHILD line. */
+            close(fd);
+            _exit(0);
+        }
         int k = answer_lines(fd, buf, n);
         if (k < 0)
             break;
@@ -61,8 +69,14 @@ static void serve(int fd, long linger_ms, int quiet)
     if (linger_ms > 0) {
         long long end = now_ms() + linger_ms;
         while (now_ms() < end) {
-            sleep_ms(20);
-            (void)read(fd, buf, sizeof buf);
+            sleep_ms(200);
+            struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)g_port),
+                                     .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+            int c = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            if (c >= 0 && connect(c, (struct sockaddr *)&a, sizeof a) == 0)
+                (void)write(c, "q\n", 2);
+            if (c >= 0)
+                close(c);
         }
     }
     if (!quiet)
@@ -97,6 +111,7 @@ int main(int argc, char **argv)
     sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
     sigaction(SIGCHLD, &sa, NULL);
     int lfd = listen_on(AF_INET, parse_port(argv[optind]), 0, 0);
+    g_port = local_port(lfd);
     print_ready(lfd);
     fflush(stdout);
     long accepted = 0, forks = 0;
@@ -126,6 +141,6 @@ int main(int argc, char **argv)
             forks++;
         close(fd);
     }
-    printf("STATS accepted=%ld forks=%ld\n", accepted, forks);
+    printf("STATS accepted=%ld forks=%ld cpu_us=%lld\n", accepted, forks, tree_cpu_us());
     return 0;
 }

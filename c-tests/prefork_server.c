@@ -15,7 +15,8 @@
  * stdout: WORKER pid=PID (each), READY port=P, ACCEPT pid=PID fd=N,
  *         EOF pid=PID fd=N, CLOSE pid=PID fd=N (--no-leak),
  *         READ_ERR/WRITE_ERR pid=PID fd=N errno=E, ACCEPT_ERR pid=PID errno=E,
- *         STATS workers=W reaped=R accepted=A served=S eof=E errors=R
+ *         STATS workers=W reaped=R accepted=A served=S eof=E errors=R cpu_us=U
+ *         (U: the CPU time, getrusage, of the parent and its reaped workers)
  */
 #define _GNU_SOURCE
 #include "common.h"
@@ -170,7 +171,7 @@ int main(int argc, char **argv)
             break;
         }
     }
-    printf("STATS workers=%d reaped=%d accepted=%ld served=%ld eof=%ld errors=%ld\n", nworkers,
-           reaped, shared->accepted, shared->served, shared->eofs, shared->errors);
+    printf("STATS workers=%d reaped=%d accepted=%ld served=%ld eof=%ld errors=%ld cpu_us=%lld\n", nworkers,
+           reaped, shared->accepted, shared->served, shared->eofs, shared->errors, tree_cpu_us());
     return 0;
 }

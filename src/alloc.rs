@@ -64,7 +64,7 @@ struct Pages;
 // only what dlmalloc got from alloc.
 unsafe impl dlmalloc::Allocator for Pages {
     fn alloc(&self, size: usize) -> (*mut u8, usize, u32) {
-        let size = size.next_multiple_of(4096);
+        let size = size.next_multiple_of(self.page_size());
         if MAPPED.fetch_update(Relaxed, Relaxed, |m| m.checked_add(size).filter(|&t| t <= LIMIT)).is_err() {
             return (core::ptr::null_mut(), 0, 0);
         }
@@ -118,8 +118,25 @@ unsafe impl dlmalloc::Allocator for Pages {
     }
 
     fn page_size(&self) -> usize {
-        4096
+        page_size()
     }
+}
+
+/// The kernel's page size: 4 KiB on x86_64, and 4, 16 or 64 KiB on aarch64 (RHEL 8's aarch64
+/// kernels use 64 KiB pages), where munmap of a 4 KiB-aligned segment tail would fail. Read from
+/// the auxv glibc saved at exec (getauxval: no system call, async-signal-safe), once.
+fn page_size() -> usize {
+    static PAGE: AtomicUsize = AtomicUsize::new(0);
+    let mut p = PAGE.load(Relaxed);
+    if p == 0 {
+        // getauxval sets errno only when the entry is missing; the caller's errno stays anyway.
+        let _g = crate::sys::ErrnoGuard::save();
+        // SAFETY: getauxval reads the process's saved auxv.
+        let v = unsafe { libc::getauxval(libc::AT_PAGESZ) } as usize;
+        p = if v.is_power_of_two() && v >= 4096 { v } else { 4096 };
+        PAGE.store(p, Relaxed);
+    }
+    p
 }
 
 const fn new_heap() -> Dlmalloc<Pages> {

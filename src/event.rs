@@ -54,6 +54,7 @@ pub const NAMES: &[&str] = &[
     "watchdog_restarted",
     "sandboxed",
     "metrics",
+    "degraded",
 ];
 
 /// What keepfix did about a socket left in CLOSE_WAIT (the `action=` of a `close_wait` line and
@@ -392,6 +393,12 @@ pub enum Event<'a> {
     MetricsRecovered {
         path: &'a [u8],
     },
+    /// A kernel feature keepfix goes without (README, "Old kernels"), once after `start`.
+    Degraded {
+        feature: &'static str,
+        errno: i32,
+        note: &'static str,
+    },
 }
 
 impl Event<'_> {
@@ -420,6 +427,7 @@ impl Event<'_> {
             Event::WatchdogRestarted { .. } => "watchdog_restarted",
             Event::Sandboxed => "sandboxed",
             Event::MetricsFailed { .. } | Event::MetricsRecovered { .. } => "metrics",
+            Event::Degraded { .. } => "degraded",
         }
     }
 
@@ -462,7 +470,8 @@ impl Event<'_> {
             | Event::ChildrenWithoutWatchdog { .. }
             | Event::WatchdogStopped(Stopped::CredentialsChanged)
             | Event::Sandboxed
-            | Event::MetricsRecovered { .. } => Level::Notice,
+            | Event::MetricsRecovered { .. }
+            | Event::Degraded { .. } => Level::Notice,
             Event::KeepaliveFailed { .. }
             | Event::CloseWaitSummary { .. }
             | Event::Nofile { .. }
@@ -630,6 +639,9 @@ impl Display for Event<'_> {
                 Errno(errno)
             ),
             Event::MetricsRecovered { path } => write!(f, " path={} action=recovered", Quoted(path)),
+            Event::Degraded { feature, errno, note } => {
+                write!(f, " feature={feature} reason={} note=\"{note}\"", Errno(errno))
+            }
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::hooksafe::{emfile, release};
 use crate::sys::{self, errno, set_errno};
 use crate::watchdog::control::{self as watchdog, Why};
 use core::ffi::{c_int, c_uint, c_void};
+use core::sync::atomic::{AtomicI32, Ordering::Relaxed};
 use libc::{fd_set, rlimit, sockaddr, socklen_t, timespec, timeval};
 
 macro_rules! hooks {
@@ -146,9 +147,6 @@ macro_rules! read_hooks {
                     if $r <= 0 && crate::hooksafe::settings::active().is_some() {
                         read_end($fd, $r, $room);
                     }
-                    if crate::watchdog::control::is_lazy() {
-                        lazy_read($fd);
-                    }
                     $r
                 }
             )*
@@ -185,18 +183,6 @@ fn read_end(fd: c_int, r: isize, room: bool) {
         if m.is_tracked() && !m.has(flag::SAW_EOF) {
             s.set_flags(flag::SAW_EOF, 0);
         }
-    }
-}
-
-/// A read in a forked child that has no watchdog yet: one on a TCP socket keepfix tracks may
-/// start the child's own, once the child has outlived a scan tick (watchdog::child_due). That is
-/// how a long-lived child (a database backend serving one client for hours) is covered, while a
-/// child that serves one request and exits never gets a thread. Leaves errno alone.
-#[cold]
-fn lazy_read(fd: c_int) {
-    let Some(rt) = crate::hooksafe::settings::active() else { return };
-    if fdtable::slot(fd).is_some_and(|s| s.load().is_tracked()) {
-        watchdog::child_due(rt);
     }
 }
 
@@ -251,6 +237,7 @@ unsafe fn on_listen(rt: &'static Runtime, fd: c_int, backlog: c_int) -> c_int {
         if let Some(s) = slot {
             s.update(|m| (m.is_tracked() && m.role() == Role::Socket).then(|| m.with_role(Role::Listener)));
             watchdog::ensure_started(rt);
+            reopen_own_fds(rt);
         }
     }
     r
@@ -314,6 +301,27 @@ fn on_accepted(rt: &'static Runtime, lfd: c_int, nfd: c_int) {
         }
     }
     watchdog::ensure_started(rt);
+    reopen_own_fds(rt);
+}
+
+/// keepfix's thread lost one of its long-lived fds and never opens one itself (ownfd::want_reopen):
+/// made again here, in the program's thread, after the program's own call took its number. One
+/// relaxed load when nothing is wanted. Leaves errno alone.
+#[inline]
+fn reopen_own_fds(rt: &'static Runtime) {
+    if crate::hooksafe::ownfd::reopen_wanted() {
+        reopen_own_fds_now(rt);
+    }
+}
+
+#[cold]
+fn reopen_own_fds_now(rt: &'static Runtime) {
+    if crate::hooksafe::ownfd::take_reopen() {
+        let _errno = sys::ErrnoGuard::save();
+        crate::hooksafe::ownfd::prepare();
+        crate::hooksafe::wake::prepare(rt);
+        emfile::open_reserve();
+    }
 }
 
 unsafe fn on_connect(rt: &'static Runtime, fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
@@ -344,6 +352,7 @@ unsafe fn on_connect(rt: &'static Runtime, fd: c_int, addr: *const sockaddr, len
         watchdog::child_connection(fd, s.load().generation(), false);
     }
     watchdog::ensure_started(rt);
+    reopen_own_fds(rt);
     set_errno(e);
     r
 }
@@ -667,9 +676,29 @@ fn claim_range(first: u32, last: u32) -> ([(u32, u32); 17], usize) {
     (ranges, n)
 }
 
+/// 0 until probed; -1 when close_range works; else its errno.
+static CLOSE_RANGE_FAILS: AtomicI32 = AtomicI32::new(0);
+
+/// close_range(2)'s errno where the kernel lacks it (ENOSYS before Linux 5.9) or a seccomp profile
+/// refuses it (EPERM), or `None`. Probed at the program's first close_range or closefrom (where it
+/// exists, close_range(1, 0) is EINVAL), never before: a profile that kills on it would kill the
+/// program for a call it never makes. Async-signal-safe.
+fn close_range_fails() -> Option<c_int> {
+    let mut v = CLOSE_RANGE_FAILS.load(Relaxed);
+    if v == 0 {
+        v = match sys::close_range_raw(1, 0, 0) {
+            Ok(()) | Err(rustix::io::Errno::INVAL) => -1,
+            Err(e) => e.raw_os_error(),
+        };
+        CLOSE_RANGE_FAILS.store(v, Relaxed);
+    }
+    (v > 0).then_some(v)
+}
+
 unsafe fn on_close_range(_rt: &'static Runtime, first: c_uint, last: c_uint, flags: c_int) -> c_int {
-    // CLOSE_RANGE_CLOEXEC closes nothing; a bad range is the kernel's to refuse.
-    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 || first > last {
+    // CLOSE_RANGE_CLOEXEC closes nothing; a bad range is the kernel's to refuse. Where
+    // close_range fails whatever it is given, it closes nothing either: the numbers stay known.
+    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 || first > last || close_range_fails().is_some() {
         return unsafe { real::close_range(first, last, flags) };
     }
     let (ranges, n) = claim_range(first, last);
@@ -709,15 +738,23 @@ pub unsafe extern "C" fn closefrom(lowfd: c_int) {
     if crate::hooksafe::settings::active().is_none() || lowfd < 0 {
         return real_closefrom(lowfd);
     }
-    let saved = errno();
+    // Where close_range fails, the C library's closefrom walks /proc/self/fd and leaves errno
+    // as close_range set it: so does this one.
+    let fails = close_range_fails();
+    let mut left = fails.unwrap_or_else(errno);
     let (ranges, n) = claim_range(lowfd as u32, u32::MAX);
     for &(lo, hi) in ranges.get(..n).unwrap_or(&[]) {
-        if sys::close_range_raw(lo, hi, 0).is_err() {
+        let r = match fails {
+            Some(e) => Err(e),
+            None => sys::close_range_raw(lo, hi, 0).map_err(|e| e.raw_os_error()),
+        };
+        if let Err(e) = r {
+            left = e;
             closefrom_walk(lo, hi);
         }
     }
     forget_closed_own(lowfd as u32, u32::MAX);
-    set_errno(saved);
+    set_errno(left);
 }
 
 /// After a range close: own fds keepfix made in the range after the claim pass were closed too.

@@ -125,16 +125,17 @@ fn a_lazy_worker_that_drops_privileges_gets_an_unprivileged_watchdog() {
     assert!(line("CapEff:").ends_with("0000000000000000"), "{}", line("CapEff:"));
 }
 
-/// Attack (HELD): 8 threads of a LAZY worker, made after the fork, peek at a tracked connection
-/// in a loop across the tick, so that several reach child_due's start at once: exactly one
-/// thread named keepfix comes of it. Fails if start_child's compare-and-swap is removed.
+/// Attack (HELD): 8 threads of a LAZY worker, made after the fork, connect() in a loop across
+/// the tick, so that several reach child_due's start at once: exactly one thread named keepfix
+/// comes of it. Fails if start_child's compare-and-swap is removed.
 #[test]
 fn threads_racing_a_lazy_workers_start_make_one_watchdog() {
     for _ in 0..3 {
-        let mut p = Run::new("break13_lazy").env("KEEPFIX_SCAN_INTERVAL", "300ms").args(["mt", "0"]).spawn();
-        let port = p.port();
+        // A port nobody listens on: each connect() is refused at once.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+        let mut p = Run::new("break13_lazy").env("KEEPFIX_SCAN_INTERVAL", "300ms").args(["mt", "0", &closed]).spawn();
+        let _port = p.port();
         let w = worker(&mut p);
-        let _c = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let l = p.expect("MT");
         assert_eq!(field(&l, "pid"), w.to_string());
         assert_eq!(field(&l, "keepfix_threads"), "1", "{l}\n{}", p.stderr());
@@ -175,6 +176,20 @@ fn lazy_worker_connect_gets_keepalive_at_once_without_a_thread() {
 #[test]
 fn a_signal_handlers_read_never_starts_the_watchdog_inside_malloc() {
     let p = Run::new("break13_sigread").env("KEEPFIX_SCAN_INTERVAL", "200ms").args(["5", "400"]).spawn();
+    let (lines, st) = p.finish();
+    assert!(st.success(), "{lines:?}");
+    let summary = lines.iter().find(|l| l.starts_with("SUMMARY")).unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(field(summary, "hung"), "0", "workers deadlocked: {lines:#?}");
+    assert_eq!(field(summary, "done"), "5", "{lines:#?}");
+}
+
+/// The same attack through connect(), which main's db78bb2 keeps as a start trigger when it took
+/// the read hooks out (accept() and connect() are async-signal-safe too): the handler makes a
+/// socket, connect()s it to a closed port and closes it. Without start_child's signal check
+/// (sys::maybe_in_signal_handler) the workers hang in pthread_create's calloc as above.
+#[test]
+fn a_signal_handlers_connect_never_starts_the_watchdog_inside_malloc() {
+    let p = Run::new("break13_sigread").env("KEEPFIX_SCAN_INTERVAL", "200ms").args(["--connect", "5", "400"]).spawn();
     let (lines, st) = p.finish();
     assert!(st.success(), "{lines:?}");
     let summary = lines.iter().find(|l| l.starts_with("SUMMARY")).unwrap_or_else(|| panic!("{lines:?}"));

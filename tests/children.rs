@@ -87,8 +87,9 @@ fn keepalive_is_on_a_childs_connection() {
 
 #[test]
 fn a_long_lived_child_gets_its_own_watchdog_and_its_leak_is_found() {
-    // The child keeps the connection it has seen the end of for 3 s, reading it again: after one
-    // scan tick its own watchdog starts and reports the socket, under the child's pid.
+    // The child keeps the connection it has seen the end of for 3 s, and connects out every
+    // 200 ms: at its first connect() after one scan tick its own watchdog starts and reports the
+    // socket, under the child's pid.
     let mut p = Run::new("fork_server")
         .env("KEEPFIX_SCAN_INTERVAL", "100ms")
         .env("KEEPFIX_CLOSE_WAIT_AFTER", "0s")

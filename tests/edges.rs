@@ -161,7 +161,17 @@ fn close_range_closefrom_and_close_loops_close_keepfix_fds_too() {
         p.send("hold");
         let fd: i32 = field(&p.expect("ACCEPT"), "fd").parse().unwrap();
         assert!(keepalive_of(p.pid(), fd).on, "{cmd}");
-        eventually("keepfix's epoll set again", Duration::from_secs(5), || epoll(p.pid()).is_some());
+        // keepfix's thread never opens an fd itself (an open takes the lowest free number for an
+        // instant): once it has seen its own gone, the next accept() makes them again, in the
+        // program's thread, after the program's own call.
+        let mut clients = vec![];
+        eventually("keepfix's epoll set again", Duration::from_secs(5), || {
+            clients.push(std::net::TcpStream::connect(("127.0.0.1", port2)).unwrap());
+            p.send("hold");
+            p.expect("ACCEPT");
+            std::thread::sleep(Duration::from_millis(150));
+            epoll(p.pid()).is_some()
+        });
     }
 }
 
@@ -199,4 +209,18 @@ fn forked_workers_log_under_their_own_pid_with_their_own_watchdog() {
         let pid = l.trim_start_matches("keepfix[").split(']').next().unwrap().to_string();
         assert!(workers.contains(&pid), "{l} is not from a worker {workers:?}");
     }
+}
+
+#[test]
+fn keepfixs_thread_never_takes_the_lowest_free_number() {
+    // The program closes keepfix's fds with closefrom() every 5 ms and checks that each open()
+    // gets the lowest free number; keepfix's thread ticks every millisecond and finds its fds
+    // gone. It must never open one itself: the next connect/accept makes them, in the program's
+    // thread (before, its /proc files were reopened on its own thread, and an open() of the
+    // program's got the next number now and then).
+    let mut p = Run::new("lowest_fd").env("KEEPFIX_SCAN_INTERVAL", "1ms").args(["--seconds", "3", "0"]).spawn();
+    let _ = p.port();
+    let s = p.expect_within("STATS", Duration::from_secs(10));
+    assert!(field(&s, "sweeps").parse::<u64>().unwrap() > 100, "{s}");
+    assert_eq!(field(&s, "wrong"), "0", "{s}\n{}", p.stderr());
 }

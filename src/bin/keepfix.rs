@@ -18,8 +18,12 @@ mod config;
 mod check;
 #[path = "keepfix/demo.rs"]
 mod demo;
+#[path = "keepfix/inject.rs"]
+mod inject;
 #[path = "keepfix/library.rs"]
 mod library;
+#[path = "keepfix/netcls.rs"]
+mod netcls;
 #[path = "keepfix/output.rs"]
 mod output;
 #[path = "keepfix/preflight.rs"]

@@ -688,7 +688,7 @@ pub fn mark_all_dirty_again() {
 /// here. The child's fd is the socket, or already closed, depending on when fork() came; the
 /// child's watchdog checks what it is before doing anything.
 pub fn after_fork_child() {
-    for c in RELEASING.iter() {
+    for c in RELEASING.iter().filter(|c| c.load(Relaxed) != -1) {
         let fd = c.swap(-1, AcqRel);
         if let Some(s) = slot(fd) {
             let m = s.load();

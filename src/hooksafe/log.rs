@@ -2,7 +2,8 @@
 //!
 //! Hooks never write. They [`defer`] a small record into a lock-free ring, and the watchdog thread
 //! formats and writes it. Only the constructor, the watchdog and the destructor call [`emit`].
-//! Writes never block the program: pipes and files get `RWF_NOWAIT`, sockets `MSG_DONTWAIT`; a line
+//! Writes never block the program: pipes and files get `RWF_NOWAIT` (where the kernel or the
+//! destination lacks it, a write() once poll says there is room), sockets `MSG_DONTWAIT`; a line
 //! that cannot go out at once is counted as dropped. A token bucket stops floods, and a
 //! `suppressed` line says what it held back. Formatting uses a stack buffer: no allocation.
 //!
@@ -166,17 +167,25 @@ pub fn own_fd() -> RawFd {
 }
 
 pub fn after_fork_child() {
-    SINK_BUSY.store(false, Release);
+    if SINK_BUSY.load(Relaxed) {
+        SINK_BUSY.store(false, Release);
+    }
     // The parent's rate-limit state is the parent's: a child starts with a full bucket and
-    // nothing suppressed, so its first events are logged under its own pid.
+    // nothing suppressed, so its first events are logged under its own pid. Written only where
+    // it differs (a page the child leaves alone stays shared with the parent: no fault).
     // SAFETY: a forked child has one thread; SINK_BUSY was just cleared and nothing else runs.
     unsafe {
         let sink = &mut *core::ptr::addr_of_mut!(SINK);
-        sink.tokens_milli = BURST * 1000;
-        sink.suppressed = 0;
-        sink.suppressed_since_ms = 0;
-        sink.suppressed_written_ms = 0;
-        sink.refill_ms = 0;
+        let fresh = (BURST * 1000, 0, 0, 0, 0);
+        if (sink.tokens_milli, sink.suppressed, sink.suppressed_since_ms, sink.suppressed_written_ms, sink.refill_ms)
+            != fresh
+        {
+            sink.tokens_milli = BURST * 1000;
+            sink.suppressed = 0;
+            sink.suppressed_since_ms = 0;
+            sink.suppressed_written_ms = 0;
+            sink.refill_ms = 0;
+        }
     }
     crate::hooksafe::ring::after_fork_child();
 }
@@ -366,16 +375,43 @@ fn write_stderr(dest: &Dest, bytes: &[u8]) -> bool {
     write_nowait(fd, bytes)
 }
 
+/// The errno that made keepfix give pwritev2(RWF_NOWAIT) up, at the first line, for good; 0 while
+/// it works. ENOSYS: the kernel has no pwritev2 (before 4.6, qemu-user). EOPNOTSUPP or EINVAL:
+/// the destination does not take RWF_NOWAIT (a tty; an older kernel's pipe or buffered file write;
+/// any before 4.14). Remembered, not tried again per line.
+static NOWAIT_FAILED: AtomicI32 = AtomicI32::new(0);
+
+/// Why keepfix writes its lines with poll and write() instead of pwritev2(RWF_NOWAIT): the errno
+/// pwritev2 gave, or `None` while it works.
+pub fn nowait_failed() -> Option<i32> {
+    Some(NOWAIT_FAILED.load(Relaxed)).filter(|&e| e != 0)
+}
+
 fn write_nowait(fd: rustix::fd::BorrowedFd<'_>, bytes: &[u8]) -> bool {
-    let iov = [rustix::io::IoSlice::new(bytes)];
-    match rustix::io::pwritev2(fd, &iov, u64::MAX, rustix::io::ReadWriteFlags::NOWAIT) {
-        Ok(n) => n == bytes.len(),
-        // RWF_NOWAIT is not supported here (a tty, an old filesystem): a plain write.
-        Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::INVAL) => {
-            rustix::io::write(fd, bytes).is_ok_and(|n| n == bytes.len())
+    if NOWAIT_FAILED.load(Relaxed) == 0 {
+        let iov = [rustix::io::IoSlice::new(bytes)];
+        match rustix::io::pwritev2(fd, &iov, u64::MAX, rustix::io::ReadWriteFlags::NOWAIT) {
+            Ok(n) => return n == bytes.len(),
+            // No pwritev2 here (an old kernel, qemu-user), or no RWF_NOWAIT for this
+            // destination (a tty, an old kernel's pipe or file): a plain write from now on.
+            Err(e @ (rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL)) => {
+                NOWAIT_FAILED.store(e.raw_os_error(), Relaxed)
+            }
+            Err(_) => return false,
         }
-        Err(_) => false,
     }
+    write_if_ready(fd, bytes)
+}
+
+/// write() only when poll says the destination takes data now, so that it does not block (a full
+/// pipe drops the line). A regular file always has room.
+fn write_if_ready(fd: rustix::fd::BorrowedFd<'_>, bytes: &[u8]) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut pfd = [PollFd::new(&fd, PollFlags::OUT)];
+    if poll(&mut pfd, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })) != Ok(1) || pfd[0].revents() != PollFlags::OUT {
+        return false;
+    }
+    rustix::io::write(fd, bytes).is_ok_and(|n| n == bytes.len())
 }
 
 fn write_syslog(sink: &mut SinkState, bytes: &[u8]) -> bool {

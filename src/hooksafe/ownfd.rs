@@ -16,7 +16,7 @@
 
 use crate::hooksafe::fdtable::{self, State};
 use crate::sys::{self, Fd};
-use core::sync::atomic::{AtomicI32, AtomicU32, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering::*};
 use rustix::fd::{BorrowedFd, RawFd};
 use rustix::fs::{Mode, OFlags};
 
@@ -208,8 +208,38 @@ pub fn give_way() -> usize {
         .count()
 }
 
+/// keepfix's thread found one of its long-lived fds gone (a close-everything loop, a closefrom,
+/// give_way): it never opens one itself, since an open() takes the lowest free number for an
+/// instant, which another thread of the program may be about to get. The next listen, accept or
+/// connect reopens it, in the program's thread, after the program's own call (see [`reopen_wanted`]).
+static REOPEN: AtomicBool = AtomicBool::new(false);
+
+/// Is a long-lived fd of keepfix's to be made again? One relaxed load, for the hooks.
+#[inline]
+pub fn reopen_wanted() -> bool {
+    REOPEN.load(Relaxed)
+}
+
+/// Asks the next listen/accept/connect hook to make keepfix's long-lived fds again.
+pub fn want_reopen() {
+    REOPEN.store(true, Relaxed);
+}
+
+/// In the program's thread, from a hook: clears the request (the caller makes the fds).
+pub fn take_reopen() -> bool {
+    REOPEN.swap(false, Relaxed)
+}
+
 fn proc_file(cell: &AtomicI32, path: &str, flags: OFlags) -> Option<RawFd> {
     if lean() {
+        return None;
+    }
+    if crate::hooksafe::settings::on_watchdog_thread() {
+        let fd = cell.load(Acquire);
+        if fd >= 0 && is_own(fd) && PROC_PID.load(Relaxed) == sys::getpid() {
+            return Some(fd);
+        }
+        want_reopen();
         return None;
     }
     let until = GAVE_WAY_UNTIL.load(Relaxed);

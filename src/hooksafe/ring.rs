@@ -129,7 +129,14 @@ pub fn take_dropped() -> u64 {
 /// In a forked child: events the parent recorded are the parent's to log; a half-written record
 /// would stall the ring, so it starts afresh.
 pub fn after_fork_child() {
-    CONSUMER.store(false, Release);
+    if CONSUMER.load(Relaxed) {
+        CONSUMER.store(false, Release);
+    }
+    // Empty and whole (no record claimed and not yet written): nothing to reset, and its pages
+    // stay shared with the parent (no copy-on-write fault per child).
+    if HEAD.load(Relaxed) == TAIL.load(Relaxed) {
+        return;
+    }
     for r in RING.iter() {
         r.seq.store(0, Relaxed);
     }

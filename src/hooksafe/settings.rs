@@ -42,6 +42,8 @@ static RT: OnceLock<Runtime> = OnceLock::new();
 /// process whose fork handlers ran (or that is not a child), FORK_REPAIRING while a hook repairs
 /// a _Fork() child. Null if the kernel lacks MADV_WIPEONFORK (before 4.14).
 pub static FORK_PAGE: AtomicPtr<AtomicU32> = AtomicPtr::new(core::ptr::null_mut());
+/// The errno of madvise(MADV_WIPEONFORK) when it failed, else 0.
+static FORK_PAGE_ERRNO: AtomicI32 = AtomicI32::new(0);
 pub const FORK_SEEN: u32 = 1;
 pub const FORK_REPAIRING: u32 = 2;
 pub static PID: AtomicI32 = AtomicI32::new(0);
@@ -110,7 +112,8 @@ pub fn map_fork_page() {
         return;
     };
     // SAFETY: the mapping just made.
-    if unsafe { rustix::mm::madvise(p, 4096, Advice::LinuxWipeOnFork) }.is_err() {
+    if let Err(e) = unsafe { rustix::mm::madvise(p, 4096, Advice::LinuxWipeOnFork) } {
+        FORK_PAGE_ERRNO.store(e.raw_os_error(), Relaxed);
         // SAFETY: ours, unused.
         let _ = unsafe { rustix::mm::munmap(p, 4096) };
         return;
@@ -119,6 +122,11 @@ pub fn map_fork_page() {
     // SAFETY: page-aligned, zeroed, lives for ever.
     unsafe { (*w).store(FORK_SEEN, Release) };
     FORK_PAGE.store(w, Release);
+}
+
+/// Why there is no fork page: madvise's errno (EINVAL before Linux 4.14), or `None`.
+pub fn fork_page_failed() -> Option<i32> {
+    Some(FORK_PAGE_ERRNO.load(Relaxed)).filter(|&e| e != 0)
 }
 
 pub fn fork_word() -> Option<&'static AtomicU32> {

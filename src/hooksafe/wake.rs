@@ -20,6 +20,11 @@ pub fn prepare(_rt: &Runtime) {
     if EPOLL.load(Acquire) >= 0 || ownfd::lean() {
         return;
     }
+    if crate::hooksafe::settings::on_watchdog_thread() {
+        // Never an open of keepfix's own on its thread (see ownfd::want_reopen).
+        ownfd::want_reopen();
+        return;
+    }
     if let Some(ep) = epoll::create(epoll::CreateFlags::CLOEXEC).ok().and_then(|e| ownfd::install(sys::own(e))) {
         EPOLL.store(ep, Release);
     }
@@ -40,11 +45,15 @@ pub fn poke() {
 
 /// In a fork child: the epoll set is the parent's; the child makes its own.
 pub fn after_fork_child() {
-    let fd = EPOLL.swap(-1, AcqRel);
-    if fd >= 0 {
-        ownfd::close(fd);
+    if EPOLL.load(Relaxed) >= 0 {
+        let fd = EPOLL.swap(-1, AcqRel);
+        if fd >= 0 {
+            ownfd::close(fd);
+        }
     }
-    POKE.store(0, Relaxed);
+    if POKE.load(Relaxed) != 0 {
+        POKE.store(0, Relaxed);
+    }
 }
 
 /// The watchdog's sleep: until poked or `timeout_ms` passed. True if poked.

@@ -48,13 +48,15 @@ pub fn init() {
     for d in &diags {
         log::event(&Event::Config(d));
     }
+    // Before the KEEPFIX_DISABLE check: a switched-off hook still calls the real function, and
+    // must not look it up later (dlsym in a signal handler, or in every forked child).
+    hooks::resolve_all();
     if cfg.disable {
         return;
     }
     PID.store(sys::getpid(), Relaxed);
     settings::map_fork_page();
     settings::set_fork_repair(repair_unhandled_fork);
-    hooks::resolve_all();
     MAIN_SYM.resolve();
     // SAFETY: plain function pointers with the C signature.
     unsafe { libc::pthread_atfork(Some(atfork_prepare), None, Some(atfork_child)) };
@@ -183,7 +185,7 @@ pub unsafe extern "C" fn __libc_start_main(
 }
 
 /// Called by the vfork hook when the syscall failed in the parent.
-#[cfg(all(target_arch = "x86_64", not(test)))]
+#[cfg(all(any(target_arch = "x86_64", target_arch = "aarch64"), not(test)))]
 extern "C" fn vfork_failed(e: core::ffi::c_int) -> libc::pid_t {
     sys::set_errno(e);
     -1
@@ -214,6 +216,53 @@ pub extern "C" fn vfork() -> libc::pid_t {
         "neg eax",
         "mov edi, eax",
         "jmp {failed}",
+        depth = sym settings::VFORK_DEPTH,
+        failed = sym vfork_failed,
+    )
+}
+
+/// The aarch64 twin of the x86_64 vfork above. aarch64 has no vfork syscall: glibc makes it
+/// clone(CLONE_VM | CLONE_VFORK | SIGCHLD) with the caller's stack, as here. The return address
+/// is in x30, never on the stack, and the kernel keeps every register but x0 across `svc`, so the
+/// parent's x9 (the counter's address) and x30 survive whatever the child did to the stack.
+/// The counter moves with exclusive load/store loops (no LSE: any ARMv8.0 core), each followed by
+/// a full barrier as x86's `lock` gives. (qemu-user runs CLONE_VFORK as a plain fork: the child
+/// then has a copy of the raised counter and passes straight through, which is as safe.)
+#[cfg(all(target_arch = "aarch64", not(test)))]
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub extern "C" fn vfork() -> libc::pid_t {
+    core::arch::naked_asm!(
+        "adrp x9, {depth}",
+        "add x9, x9, :lo12:{depth}",
+        "1:",
+        "ldxr w10, [x9]",
+        "add w10, w10, #1",
+        "stxr w11, w10, [x9]",
+        "cbnz w11, 1b",
+        "dmb ish",
+        "mov x0, #0x4111", // CLONE_VM | CLONE_VFORK | SIGCHLD
+        "mov x1, xzr",     // the caller's stack
+        "mov x2, xzr",
+        "mov x3, xzr",
+        "mov x4, xzr",
+        "mov x8, #220", // SYS_clone
+        "svc #0",
+        "cbz x0, 2f",
+        // The parent: the child has exec'd or exited.
+        "3:",
+        "ldxr w10, [x9]",
+        "sub w10, w10, #1",
+        "stxr w11, w10, [x9]",
+        "cbnz w11, 3b",
+        "dmb ish",
+        "cmn x0, #4095",
+        "b.hs 4f",
+        "2:",
+        "ret",
+        "4:",
+        "neg w0, w0",
+        "b {failed}",
         depth = sym settings::VFORK_DEPTH,
         failed = sym vfork_failed,
     )

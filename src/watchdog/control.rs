@@ -149,8 +149,9 @@ pub fn ensure_started(rt: &'static Runtime) {
 }
 
 /// In a forked child that has no watchdog yet (LAZY): starts one once the child has lived a scan
-/// tick. Called by listen/accept/connect, and by the read family on a TCP socket keepfix tracks
-/// (never by close or dup, which signal handlers call). One relaxed load anywhere else; here a
+/// tick. Called by listen/accept/connect only: never by read, write, close or dup, which signal
+/// handlers call (a SIGIO-driven server reads its sockets in one), where pthread_create() could
+/// deadlock on the malloc lock the handler interrupted. One relaxed load anywhere else; here a
 /// vDSO clock read, no system call, until it is due.
 #[inline]
 pub fn child_due(rt: &'static Runtime) {
@@ -214,7 +215,7 @@ fn start_child(rt: &'static Runtime) {
         return;
     }
     let _errno = sys::ErrnoGuard::save();
-    // The read family and accept() are async-signal-safe, and a handler may call them while the
+    // accept() and connect() are async-signal-safe too, and a handler may call them while the
     // thread it interrupted is inside malloc(): pthread_create() would then wait for ever for the
     // arena lock (it callocs the new thread's TLS vector). Not from a handler: a tick later, the
     // next hook tries again.
@@ -481,25 +482,35 @@ extern "C" fn thread_main(arg: *mut libc::c_void) -> *mut libc::c_void {
 /// In a forked child: the thread did not come along; fork()'s child handler starts a new one
 /// (start_if_wanted). Async-signal-safe: a _Fork() child runs it from a hook.
 pub fn after_fork_child() {
-    TID.store(0, Relaxed);
-    LAST_TID.store(0, Relaxed);
-    // No pause of the parent's goes on here: the threads that made them did not come along.
-    PAUSERS.store(0, Relaxed);
-    let pending = RESTART_PENDING.swap(false, Relaxed);
-    if STOP.load(Relaxed) != STOP_FORK {
-        STOP.store(STOP_NONE, Relaxed);
+    // Each store only if it changes something: a page the child does not write stays shared with
+    // the parent (no copy-on-write fault), and a fork-per-connection server forks per request.
+    macro_rules! set {
+        ($a:expr, $v:expr) => {
+            if $a.load(Relaxed) != $v {
+                $a.store($v, Relaxed);
+            }
+        };
     }
-    IS_CHILD.store(true, Relaxed);
-    RAN_HERE.store(false, Relaxed);
+    set!(TID, 0);
+    set!(LAST_TID, 0);
+    // No pause of the parent's goes on here: the threads that made them did not come along.
+    set!(PAUSERS, 0);
+    let pending = RESTART_PENDING.load(Relaxed);
+    set!(RESTART_PENDING, false);
+    if STOP.load(Relaxed) != STOP_FORK {
+        set!(STOP, STOP_NONE);
+    }
+    set!(IS_CHILD, true);
+    set!(RAN_HERE, false);
     for c in &CHILD_CONN {
-        c.store(0, Relaxed);
+        set!(c, 0);
     }
     let st = STATE.load(Relaxed);
     if st == RUNNING || (st == PAUSED && !settings::sandboxed()) || (st == IDLE && pending) || st == LAZY {
         if CHILD_MAY_START.load(Relaxed) {
             let tick = settings::get().map_or(1000, |rt| rt.cfg.scan_interval_ms.max(1));
             LAZY_DUE_MS.store(sys::now_ms() + tick, Relaxed);
-            STATE.store(LAZY, Relaxed);
+            set!(STATE, LAZY);
         } else {
             STATE.store(STOPPED, Relaxed);
         }
@@ -530,6 +541,7 @@ fn run(rt: &'static Runtime) {
     } else if !IS_CHILD.load(Relaxed) {
         // A forked child logs only what it does: its tree's `start` line is its ancestor's.
         log::event(&Event::Start(cfg));
+        log_degraded();
     }
     let mut detector = detector::Detector::new(rt);
     let mut monitor = monitor::Monitor::new();
@@ -583,6 +595,32 @@ fn run(rt: &'static Runtime) {
             next = now + interval;
         }
         poked = detector.wait(next.saturating_sub(sys::now_ms()).max(1));
+    }
+}
+
+/// After a process's first start line (not again in the forked children of one that said it): one
+/// line per kernel feature keepfix goes without (README, "Old kernels").
+fn log_degraded() {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if SAID.swap(true, Relaxed) {
+        return;
+    }
+    let notes = [
+        (
+            "pwritev2",
+            log::nowait_failed().filter(|&e| e == libc::ENOSYS),
+            "no pwritev2 (Linux < 4.6): log lines go out with write() once poll says there is room; another writer filling the pipe in between can make keepfix's thread wait",
+        ),
+        (
+            "MADV_WIPEONFORK",
+            settings::fork_page_failed(),
+            "(Linux < 4.14) a child made without fork handlers (a raw fork or clone system call, _Fork) is not noticed and keeps its parent's state; fork() children are not affected",
+        ),
+    ];
+    for (feature, failed, note) in notes {
+        if let Some(errno) = failed {
+            log::event(&Event::Degraded { feature, errno, note });
+        }
     }
 }
 

@@ -42,6 +42,7 @@ use core::sync::atomic::Ordering::*;
 use rustix::event::epoll;
 use rustix::fd::RawFd;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, DefaultHasher};
 
 /// A socket found left behind.
 struct Leak {
@@ -81,7 +82,12 @@ pub struct Detector {
     rt: &'static Runtime,
     /// The tracked sockets were all (re)registered since the epoll set was made.
     registered_all: bool,
-    leaks: HashMap<RawFd, Leak>,
+    /// The epoll set they were registered in.
+    epoll_seen: Option<RawFd>,
+    /// Keyed by fd number with a fixed hasher: std's RandomState asks getrandom(2) for its keys,
+    /// and where that is missing (Linux < 3.17) opens /dev/urandom through libc and keeps it open,
+    /// on a low number of the program's. fd numbers are the kernel's, no flood to fear.
+    leaks: HashMap<RawFd, Leak, BuildHasherDefault<DefaultHasher>>,
     /// Lines written this tick; above a few, the rest go into one summary.
     lines_this_tick: u32,
     folded: [u64; 4],
@@ -96,7 +102,8 @@ impl Detector {
         Detector {
             rt,
             registered_all: false,
-            leaks: HashMap::new(),
+            epoll_seen: None,
+            leaks: HashMap::default(),
             lines_this_tick: 0,
             folded: [0; 4],
             last_summary_ms: sys::now_ms(),
@@ -484,12 +491,18 @@ impl Detector {
             ownfd::shed();
             return;
         }
-        if wake::epoll_fd().is_none() {
+        let ep = wake::epoll_fd();
+        if ep.is_none() {
+            // Lost (the program took its number): tick() scans meanwhile, and the next listen,
+            // accept or connect makes a new set, in the program's thread.
             wake::forget_epoll();
             wake::prepare(self.rt);
+        }
+        if ep != self.epoll_seen {
+            self.epoll_seen = ep;
             self.registered_all = false;
         }
-        if !self.registered_all {
+        if ep.is_some() && !self.registered_all {
             self.registered_all = true;
             fdtable::for_each(0, fdtable::MAX_FD - 1, |_, s| {
                 if s.load().has(flag::WATCHED) {

@@ -83,7 +83,9 @@ impl Writer {
             remember(p);
         }
         let dir = rt.cfg.metrics_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default();
-        let identity = own_identity(pid);
+        // Only with a metrics directory: reading /proc/PID/stat opens a file on keepfix's thread,
+        // which for an instant holds the lowest free number (README, What keepfix holds).
+        let identity = if path.is_some() { own_identity(pid) } else { None };
         if let Some(id) = identity {
             use core::sync::atomic::Ordering::Relaxed;
             EXIT_ID.0.store(id.pid, Relaxed);

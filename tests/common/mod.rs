@@ -52,6 +52,21 @@ static BUILD: Mutex<()> = Mutex::new(());
 
 /// Compiles c-tests/NAME.c (once per test run, or when the source changed) and returns the binary.
 pub fn c_program(name: &str) -> PathBuf {
+    c_program_with(name, &[])
+}
+
+/// c-tests/oldkernel.c, linked static so that LD_PRELOAD is for the program it execs only.
+pub fn oldkernel() -> PathBuf {
+    c_program_with("oldkernel", &["-static"])
+}
+
+/// The kernel the tests emulate (`KEEPFIX_TEST_KERNEL=3.10` or `4.18`): every program [`Run`]
+/// starts then runs under c-tests/oldkernel.c's seccomp filter for that version.
+pub fn test_kernel() -> Option<String> {
+    std::env::var("KEEPFIX_TEST_KERNEL").ok().filter(|v| !v.is_empty())
+}
+
+fn c_program_with(name: &str, extra: &[&str]) -> PathBuf {
     let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let src = root().join("c-tests").join(format!("{name}.c"));
     let out_dir = target_dir().join("c-tests");
@@ -65,7 +80,9 @@ pub fn c_program(name: &str) -> PathBuf {
     if fresh.is_none() || newest_src.is_some_and(|s| Some(s) > fresh) {
         let tmp = out_dir.join(format!(".{name}.tmp.{}", std::process::id()));
         let st = Command::new("gcc")
-            .args(["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"])
+            .args(["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-pthread"])
+            .args(extra)
+            .arg("-o")
             .arg(&tmp)
             .arg(&src)
             .status()
@@ -135,6 +152,10 @@ impl Run {
     }
     pub fn spawn(self) -> Proc {
         let mut c = Command::new(&self.prog);
+        if let Some(version) = test_kernel() {
+            c = Command::new(oldkernel());
+            c.arg(version).arg(&self.prog);
+        }
         c.args(&self.args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         for (k, _) in std::env::vars() {
             if k.starts_with("KEEPFIX_") || k == "LD_PRELOAD" {

@@ -25,6 +25,8 @@ const SIGPIPE_BIT: u32 = 13 - 1;
 #[derive(Clone, Debug, Default)]
 pub struct ProcStatus {
     pub state: char,
+    /// The thread group (process) the id belongs to: not the id itself for a thread's id.
+    pub tgid: u32,
     pub ppid: u32,
     pub tracer_pid: u32,
     /// Real, effective, saved and filesystem uid.
@@ -54,6 +56,7 @@ fn parse_status(text: &str) -> ProcStatus {
         let hex = || u64::from_str_radix(value, 16).unwrap_or(0);
         match key {
             "State" => s.state = value.chars().next().unwrap_or('?'),
+            "Tgid" => s.tgid = value.parse().unwrap_or(0),
             "PPid" => s.ppid = value.parse().unwrap_or(0),
             "TracerPid" => s.tracer_pid = value.parse().unwrap_or(0),
             "Uid" => {
@@ -249,6 +252,10 @@ impl Preflight {
 /// touched: pidfd_getfd then fails with ESRCH.
 pub struct Access {
     pub pidfd: OwnedFd,
+    /// When each socket (by inode) was first seen in CLOSE_WAIT, by this pass or an earlier one
+    /// of a --watch: a lower bound on the time since its peer's FIN, which keepalive's ACKs do
+    /// not move (they do move TCP_INFO's last_ack_recv).
+    pub close_wait_since: std::cell::RefCell<std::collections::HashMap<u64, std::time::Instant>>,
 }
 
 impl Access {
@@ -329,7 +336,7 @@ pub fn open(pid: u32) -> Result<Access, Refusal> {
         });
     }
     match rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty()) {
-        Ok(pidfd) => Ok(Access { pidfd }),
+        Ok(pidfd) => Ok(Access { pidfd, close_wait_since: Default::default() }),
         Err(Errno::SRCH) => Err(Refusal::new(pid, Reason::Gone, "no such process")),
         Err(e) => Err(Refusal::new(pid, Reason::Kernel, format!("pidfd_open failed: {}", errno_text(e)))),
     }
@@ -400,6 +407,11 @@ pub fn check(pid: u32, access: &Access) -> Result<Preflight, Refusal> {
             return Err(Refusal::new(pid, Reason::Permission, why));
         }
     };
+    // Every duplicate sets the socket's cgroup-v1 net_cls classid and net_prio index to the
+    // taker's: keepfix first joins the process's cgroups of those (src/bin/keepfix/netcls.rs).
+    if let Err(why) = crate::netcls::join(pid) {
+        return Err(Refusal::new(pid, Reason::Permission, why));
+    }
     // One duplicate, closed at once, proves that the others will work: pidfd_getfd checks ptrace
     // access (PTRACE_MODE_ATTACH_REALCREDS), which Yama can forbid.
     for fd in fds.iter().filter(|f| f.socket_inode.is_some()).chain(fds.iter()) {

@@ -85,3 +85,19 @@ pub fn pids() -> io::Result<Vec<u32>> {
     pids.sort_unstable();
     Ok(pids)
 }
+
+/// The processes other than `except` that hold any of these socket inodes, by inode (read from
+/// every /proc/PID/fd keepfix may list; a process whose fds it may not read is not seen).
+pub fn socket_holders(inodes: &[u64], except: &[u32]) -> std::collections::HashMap<u64, Vec<u32>> {
+    let mut found: std::collections::HashMap<u64, Vec<u32>> = std::collections::HashMap::new();
+    for pid in pids().unwrap_or_default().into_iter().filter(|p| !except.contains(p)) {
+        let Ok(fds) = fds(pid) else { continue };
+        for ino in fds.iter().filter_map(|f| f.socket_inode).filter(|i| inodes.contains(i)) {
+            let holders = found.entry(ino).or_default();
+            if !holders.contains(&pid) {
+                holders.push(pid);
+            }
+        }
+    }
+    found
+}

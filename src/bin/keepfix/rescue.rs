@@ -11,7 +11,7 @@
 //! Every decision is made on the object the duplicate holds (inode, TCP_INFO), never on a number:
 //! if the program closed the number and reused it meanwhile, keepfix sees the new object and acts
 //! on that one's state, or leaves it. The fd numbers stay the program's: freeing them needs a
-//! change inside the process (`--release`, which stops it), which is not in this file.
+//! change inside the process (`--release`, which stops it: src/bin/keepfix/inject.rs).
 
 use crate::config;
 use crate::preflight::{self, Access, Preflight, Refusal, Sigpipe};
@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 
 const JSON_FIELDS: &str = "\
 JSON (--json): {\"dry_run\", \"pass\", \"processes\": [PROCESS, ...], \"failed\": [FAILED, ...]}; with --watch
-one such object per pass, each on one line. pass counts from 1. FAILED is {pid, reason (gone,
+one such object per pass, each on one line. pass counts from 1. A bad argument (exit 2) prints no JSON, only its
+message on stderr; every other outcome, exit 1 included, prints the object. FAILED is {pid, reason (gone,
 permission, yama, traced, seccomp, kernel), message}. PROCESS is
   pid, program     number; string (comm)
   preflight        {kernel, keepfix_uid, target_uid, cap_sys_ptrace, yama_ptrace_scope (null: no
@@ -50,8 +51,9 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
                     accept_queue (a listener's, else null): connections queued before, which did
                     not inherit
   close_wait       [{fd, inode, local, peer, idle_ms, recv_q, send_q, action, error}]: every socket
-                    found in CLOSE_WAIT. action: shut_down, would_shut_down, refused_sigpipe, recent
-                    (idle less than --after), sending (unsent or unacknowledged bytes), unread
+                    found in CLOSE_WAIT. action: shut_down, would_shut_down, refused_sigpipe (SIGPIPE
+                    at its default in the process, or in another process holding the socket, which
+                    error names), recent (idle less than --after), sending (unsent or unacknowledged bytes), unread
                     (received data the program has not read; --include-unread), changed (no
                     longer the same socket in CLOSE_WAIT when keepfix acted), failed
   close            [{fd, inode, local}]: sockets in CLOSE (reset, timed out, or never connected),
@@ -59,7 +61,11 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
   nofile           null without --raise-nofile; else {soft_before, hard, soft_after, uses_select
                     (true, false, null: cannot tell), decided_by, action (raised, would_raise,
                     unchanged, failed), error}
-  release          null (the place of --release's report)
+  release          null without --release; else {dry_run, placeholder, released: [{fd, peer}],
+                    skipped: [{fd, peer, reason}], stops (times the process was stopped),
+                    longest_stop_us, total_stop_us, threads, seccomp_suspended, interrupted
+                    (keepfix got SIGINT/SIGTERM mid-way: restored, detached, the rest left), error
+                    (null, or why the process could not be stopped or injected into: exit 1)}
   summary          {tcp_sockets, listeners, keepalive_set (under --dry-run: would set),
                     keepalive_kept, keepalive_app, keepalive_failed, close_wait, shut_down (under
                     --dry-run: would shut down), refused_sigpipe, close_wait_left, close}";
@@ -74,11 +80,17 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
         value wins, so keepfix never loosens what the program set. A listener passes the options on \
         to every connection it accepts later.\n\
         - every socket in CLOSE_WAIT idle (TCP_INFO: no data received, no ack received, no data \
-        sent) for at least --after, with nothing unsent and nothing left unread (unless \
+        sent; under --watch an ack stops counting once passes have seen the socket in CLOSE_WAIT \
+        for --after, since keepalive probes are answered by acks) for at least --after, with nothing unsent and nothing left unread (unless \
         --include-unread), is shut down (shutdown SHUT_RDWR): the peer gets its FIN, the \
         program's pollers wake, its reads return 0, its writes fail with EPIPE. Not where SIGPIPE \
         is at its default disposition (the write would kill the program), unless --force.\n\
-        - sockets in CLOSE (reset or timed out, fd still open) are counted and listed.\n\n\
+        - sockets in CLOSE (reset or timed out, fd still open) are counted and listed.\n\
+        - with --release, the sockets shut down are freed: with every thread of the process stopped \
+        (ptrace, about 10 ms at most per stop, the longest reported), each is checked again and its \
+        number gets a placeholder (a unix socket whose peer is closed: read 0, write EPIPE, like the \
+        shut-down socket); the number stays occupied and the program's own close() of it returns 0. \
+        keepfix never closes a number of the program.\n\n\
         A preflight prints what will and will not work before anything changes. The fd numbers stay \
         the program's: rescue frees no fd; for that the program must close them, or be restarted \
         under `keepfix run`.\n\n\
@@ -92,25 +104,25 @@ permission, yama, traced, seccomp, kernel), message}. PROCESS is
 )]
 pub struct RescueArgs {
     /// Processes to rescue
-    #[arg(value_name = "PID", required = true, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(value_name = "PID", required = true, value_parser = clap::value_parser!(u32).range(1..=i64::from(i32::MAX)))]
     pids: Vec<u32>,
     /// Idle time before the first keepalive probe (default 60s)
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     idle: Option<String>,
     /// Time between probes (default 10s)
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     intvl: Option<String>,
     /// Unanswered probes before the connection is dropped (default 6)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
     cnt: Option<String>,
     /// TCP_USER_TIMEOUT: a duration, auto (idle + intvl x cnt) or off (default off: left alone)
-    #[arg(long, value_name = "DURATION|auto|off")]
+    #[arg(long, value_name = "DURATION|auto|off", allow_hyphen_values = true)]
     user_timeout: Option<String>,
     /// Touch only sockets without keepalive: the program's settings stay, even looser ones
     #[arg(long)]
     respect_app: bool,
     /// How long a socket must sit idle in CLOSE_WAIT before it is shut down (default 30s; 0s allowed)
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     after: Option<String>,
     /// Shut down even where SIGPIPE is at its default disposition (a later write kills the program)
     #[arg(long)]
@@ -122,8 +134,12 @@ pub struct RescueArgs {
     /// Raise the soft RLIMIT_NOFILE to the hard limit (at most 1024 if the program uses select())
     #[arg(long)]
     raise_nofile: bool,
+    /// Free the sockets shut down: stop the process (ptrace, at most about 10 ms at a time) and put
+    /// a placeholder over each one's number; the number stays the program's
+    #[arg(long)]
+    release: bool,
     /// Repeat every DURATION (new sockets, outbound ones too, get keepalive) until SIGINT or SIGTERM
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     watch: Option<String>,
     /// Change nothing; say what would be done
     #[arg(long)]
@@ -145,6 +161,7 @@ pub struct Settings {
     pub force: bool,
     pub include_unread: bool,
     pub raise_nofile: bool,
+    pub release: bool,
     pub dry_run: bool,
 }
 
@@ -202,6 +219,7 @@ fn settings(args: &RescueArgs) -> Result<(Settings, Option<Duration>), Failure> 
         force: args.force,
         include_unread: args.include_unread,
         raise_nofile: args.raise_nofile,
+        release: args.release,
         dry_run: args.dry_run,
     };
     Ok((s, watch))
@@ -226,7 +244,9 @@ impl Keepalive {
             idle_s: sockopt::tcp_keepidle(fd)?.as_secs() as u32,
             intvl_s: sockopt::tcp_keepintvl(fd)?.as_secs() as u32,
             cnt: sockopt::tcp_keepcnt(fd)?,
-            user_timeout_ms: sockopt::tcp_user_timeout(fd)?,
+            // An MPTCP listener has no TCP_USER_TIMEOUT (EOPNOTSUPP): none is in force.
+            user_timeout_ms: sockopt::tcp_user_timeout(fd)
+                .or_else(|e| if e == Errno::OPNOTSUPP { Ok(0) } else { Err(e) })?,
         })
     }
 
@@ -340,9 +360,12 @@ impl Info {
     }
 
     /// How long nothing has happened on the connection: no data received, no ack received (the
-    /// peer acknowledging what the program sent), no data sent.
-    fn idle_ms(&self) -> u32 {
-        self.last_data_recv_ms.min(self.last_ack_recv_ms).min(self.last_data_sent_ms)
+    /// peer acknowledging what the program sent, or its FIN), no data sent. An ACK counts only
+    /// until the socket has been seen in CLOSE_WAIT for `in_close_wait_ms` (by earlier --watch
+    /// passes): the FIN came before that, and the ACKs since answer keepalive probes (each
+    /// resets last_ack_recv, so with keepalive idle below --after the socket would never be idle).
+    fn idle_ms(&self, in_close_wait_ms: u32) -> u32 {
+        self.last_data_recv_ms.min(self.last_ack_recv_ms.max(in_close_wait_ms)).min(self.last_data_sent_ms)
     }
 }
 
@@ -369,11 +392,19 @@ fn state_name(state: u8) -> &'static str {
     }
 }
 
+/// A TCP socket, or an MPTCP listener (Go 1.24 and later listen with MPTCP by default): it takes
+/// keepalive options and passes them on to the plain TCP connections it accepts from clients
+/// without MPTCP. An MPTCP connection is left alone: its TCP_INFO is only its first subflow's.
 fn is_tcp(fd: BorrowedFd<'_>) -> bool {
+    use rustix::net::ipproto;
     let domain = sockopt::socket_domain(fd);
     matches!(domain, Ok(AddressFamily::INET) | Ok(AddressFamily::INET6))
         && sockopt::socket_type(fd).is_ok_and(|t| t == SocketType::STREAM)
-        && sockopt::socket_protocol(fd).is_ok_and(|p| p == Some(rustix::net::ipproto::TCP))
+        && match sockopt::socket_protocol(fd) {
+            Ok(Some(p)) if p == ipproto::TCP => true,
+            Ok(Some(p)) if p == ipproto::MPTCP => sockopt::socket_acceptconn(fd).unwrap_or(false),
+            _ => false,
+        }
 }
 
 fn local_addr(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
@@ -538,7 +569,7 @@ pub struct ProcessRescue {
     pub close: Vec<DeadSocket>,
     pub nofile: Option<NofileEntry>,
     /// The release step's report (`--release`); null when it did not run.
-    pub release: Option<serde_json::Value>,
+    pub release: Option<crate::inject::ReleaseReport>,
     pub after: Snapshot,
     pub summary: Summary,
 }
@@ -692,7 +723,18 @@ fn shut_down(
     candidates: &[(i32, u64)],
     s: &Settings,
 ) -> Result<Vec<CloseWaitEntry>, Refusal> {
+    // Forget the sockets no longer in CLOSE_WAIT (closed, shut down, gone to CLOSE).
+    access.close_wait_since.borrow_mut().retain(|ino, _| candidates.iter().any(|c| c.1 == *ino));
     let mut entries = Vec::new();
+    // Other processes holding a candidate (a forked child that inherited it, a socket passed on):
+    // a shutdown reaches them too, so their SIGPIPE counts as much as the target's. One walk of
+    // /proc per pass, and only with candidates.
+    let holders = if candidates.is_empty() || s.force {
+        std::collections::HashMap::new()
+    } else {
+        let inodes: Vec<u64> = candidates.iter().map(|c| c.1).collect();
+        procfs::socket_holders(&inodes, &[pid, std::process::id()])
+    };
     for &(fd_num, inode) in candidates {
         let mut entry = CloseWaitEntry {
             fd: fd_num,
@@ -706,6 +748,15 @@ fn shut_down(
             action: CloseWaitAction::Changed,
             error: None,
         };
+        // SIGPIPE as it is now (not as the preflight saw it), read before the duplicate is taken:
+        // while keepfix holds it, a close() by the program releases neither the socket nor its
+        // epoll registrations, so that window is kept to a few system calls.
+        let sigpipe = preflight::proc_status(Some(pid)).map_err(|_| exited(pid))?.sigpipe();
+        let other_default = holders.get(&inode).and_then(|h| {
+            h.iter()
+                .copied()
+                .find(|h| preflight::proc_status(Some(*h)).is_ok_and(|st| st.sigpipe() == Sigpipe::Default))
+        });
         let Some(dup) = duplicate(access, pid, fd_num)? else {
             entries.push(entry); // closed by the program meanwhile
             continue;
@@ -720,11 +771,10 @@ fn shut_down(
         entry.local = show_addr(local_addr(fd));
         entry.peer_addr = peer_addr(fd);
         entry.peer = show_addr(entry.peer_addr);
-        entry.idle_ms = info.idle_ms();
+        let since = *access.close_wait_since.borrow_mut().entry(inode).or_insert_with(Instant::now);
+        entry.idle_ms = info.idle_ms(since.elapsed().as_millis().min(u128::from(u32::MAX)) as u32);
         entry.recv_q = recv_queue(fd);
         entry.send_q = send_queue(fd);
-        // SIGPIPE as it is now, not as the preflight saw it.
-        let sigpipe = preflight::proc_status(Some(pid)).map_err(|_| exited(pid))?.sigpipe();
         entry.action = if entry.send_q > 0 {
             CloseWaitAction::Sending
         } else if entry.recv_q > 0 && !s.include_unread {
@@ -732,6 +782,10 @@ fn shut_down(
         } else if u64::from(entry.idle_ms) < s.after_ms {
             CloseWaitAction::Recent
         } else if sigpipe == Sigpipe::Default && !s.force {
+            CloseWaitAction::RefusedSigpipe
+        } else if let Some(other) = other_default.filter(|_| !s.force) {
+            let comm = procfs::comm(other).unwrap_or_else(|_| "?".into());
+            entry.error = Some(format!("process {other} ({comm}) holds it too, with SIGPIPE at its default"));
             CloseWaitAction::RefusedSigpipe
         } else if s.dry_run {
             CloseWaitAction::WouldShutDown
@@ -870,9 +924,19 @@ pub fn rescue_pid(
         after: Snapshot::default(),
         summary: Summary::default(),
     };
-    // The release step (--release) goes here: it takes `report.shut_down()` (fd, inode, peer of
-    // each socket shut down in this pass), re-verifies each under its stop, and puts its own
-    // report in `report.release`.
+    if s.release && access.alive() {
+        // The sockets shut down in this pass (under --dry-run: those that would be), re-verified
+        // under the stop by the release step.
+        let targets = report.close_wait.iter().filter(|c| {
+            c.action == CloseWaitAction::ShutDown || (s.dry_run && c.action == CloseWaitAction::WouldShutDown)
+        });
+        let candidates = crate::inject::candidates(targets.map(|c| (c.fd, c.inode, c.peer_addr)));
+        report.release = Some(if s.dry_run {
+            crate::inject::dry_run(&candidates)
+        } else {
+            crate::inject::release(pid, &candidates, crate::inject::Limits::default())
+        });
+    }
     if s.raise_nofile && access.alive() {
         report.nofile = Some(raise_nofile(pid, s.dry_run));
     }
@@ -919,6 +983,11 @@ fn header(pid: u32, program: &str, s: &Settings) -> String {
 fn preflight_text(p: &Preflight, s: &Settings) -> String {
     let mut t = String::from("  preflight:\n");
     for l in p.lines(s.force) {
+        // With --release the target's seccomp mode matters: say what the release will do.
+        let l = match l.strip_prefix("seccomp:") {
+            Some(_) if s.release => crate::inject::preflight_seccomp(&p.seccomp, &l),
+            _ => l,
+        };
         t += &format!("    {l}\n");
     }
     t
@@ -983,9 +1052,10 @@ fn details(r: &ProcessRescue, s: &Settings) -> String {
             let action = match c.action {
                 CloseWaitAction::ShutDown => "shut down".to_string(),
                 CloseWaitAction::WouldShutDown => "would shut down".into(),
-                CloseWaitAction::RefusedSigpipe => {
-                    "refused: SIGPIPE is at its default, a later write would kill the program (--force)".into()
-                }
+                CloseWaitAction::RefusedSigpipe => match &c.error {
+                    Some(holder) => format!("refused: {holder}; a later write would kill it (--force)"),
+                    None => "refused: SIGPIPE is at its default, a later write would kill the program (--force)".into(),
+                },
                 CloseWaitAction::Recent => format!("left: idle less than --after {}", config::show_ms(s.after_ms)),
                 CloseWaitAction::Sending => "left: data unsent or unacknowledged".into(),
                 CloseWaitAction::Unread => "left: the program has not read what it received (--include-unread)".into(),
@@ -1017,6 +1087,9 @@ fn details(r: &ProcessRescue, s: &Settings) -> String {
         }
         t += &indent(&output::table(&rows), "    ");
     }
+    if let Some(rel) = &r.release {
+        t += &crate::inject::text(rel);
+    }
     if let Some(n) = &r.nofile {
         let limit = |l: Option<u64>| l.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
         let what = match n.action {
@@ -1047,6 +1120,7 @@ fn did_something(r: &ProcessRescue) -> bool {
     let m = &r.summary;
     m.keepalive_set + m.keepalive_failed + m.shut_down + m.refused_sigpipe > 0
         || r.nofile.as_ref().is_some_and(|n| n.action != NofileAction::Unchanged)
+        || r.release.as_ref().is_some_and(|x| !x.released.is_empty() || x.error.is_some())
 }
 
 // ---- the command -------------------------------------------------------------------------------
@@ -1067,6 +1141,20 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
             pids.push(pid);
         }
     }
+    // A thread's id has a /proc entry too, but pidfd_open refuses it: say what it is.
+    let threads: Vec<String> = pids
+        .iter()
+        .filter_map(|&pid| {
+            let tgid = preflight::proc_status(Some(pid)).ok()?.tgid;
+            (tgid != 0 && tgid != pid).then(|| {
+                format!("PID {pid} is a thread of process {tgid} (a thread id, not a process id): give {tgid}")
+            })
+        })
+        .collect();
+    if !threads.is_empty() {
+        threads.iter().for_each(|t| output::error(t));
+        return Err(Failure::reported(exit::USAGE));
+    }
     // Each process is opened once (a pidfd), and every later pass works through the same pidfd.
     let mut opened: Vec<(u32, Access)> = Vec::new();
     let mut failed_any = false;
@@ -1078,7 +1166,11 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
         if watch.is_some() && !args.json {
             output::line(&format!("pass {pass}"));
         }
+        crate::inject::tidy();
         for &pid in &pids {
+            if crate::inject::was_interrupted() {
+                break;
+            }
             let access = match opened.iter().position(|(p, _)| *p == pid) {
                 Some(i) => Ok(i),
                 None => preflight::open(pid).map(|a| {
@@ -1104,7 +1196,20 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
                 });
             }
             match result {
-                Ok(r) => processes.push(r),
+                Ok(r) => {
+                    if let Some(e) = r.release.as_ref().and_then(|x| x.error.as_ref()) {
+                        output::error(&format!("PID {pid}: --release: {e}"));
+                        failed_any = true;
+                    }
+                    if r.release.as_ref().is_some_and(|x| x.interrupted) && watch.is_none() {
+                        output::error(&format!(
+                            "PID {pid}: --release interrupted (SIGINT/SIGTERM): the process was restored \
+                             and let go; the sockets not released yet stay shut down at their numbers"
+                        ));
+                        failed_any = true;
+                    }
+                    processes.push(r)
+                }
                 Err(refusal) => {
                     output::error(&refusal.message);
                     failed.push(refusal);
@@ -1122,6 +1227,9 @@ pub fn rescue(args: &RescueArgs) -> Result<u8, Failure> {
         // A process that cannot be rescued (gone, refused) is not tried again.
         pids.retain(|p| !failed.iter().any(|f| f.pid == *p));
         let Some(period) = watch else { break };
+        if crate::inject::was_interrupted() {
+            stop.store(true, Ordering::Relaxed);
+        }
         if pids.is_empty() {
             output::error("no process left to watch");
             break;
@@ -1156,6 +1264,7 @@ mod tests {
             force: false,
             include_unread: false,
             raise_nofile: false,
+            release: false,
             dry_run: false,
         }
     }
