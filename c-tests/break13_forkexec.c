@@ -10,6 +10,7 @@
  */
 #define _GNU_SOURCE
 #include "common.h"
+#include <sys/prctl.h>
 #include <sys/wait.h>
 
 static void reap(int sig)
@@ -51,8 +52,13 @@ int main(int argc, char **argv)
         if (c < 0)
             continue;
         accepted++;
+        pid_t parent = getpid();
         pid_t k = fork();
         if (k == 0) {
+            /* Ends with the server, which the test kills. */
+            prctl(PR_SET_PDEATHSIG, SIGKILL);
+            if (getppid() != parent)
+                _exit(0);
             dup2(c, 0);
             dup2(c, 1);
             close(c);

@@ -99,8 +99,19 @@ static int connect_to(int port)
     return s;
 }
 
-static void worker(const char *mode, int l, int port, int backend)
+/* A worker ends with the parent, which the test kills: none is left behind (a leftover nobody
+ * worker counts against another test's RLIMIT_NPROC). Credential changes clear the setting, so
+ * it is made again after them. */
+static void die_with_parent(pid_t parent)
 {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent)
+        _exit(0);
+}
+
+static void worker(const char *mode, int l, int port, int backend, pid_t parent)
+{
+    die_with_parent(parent);
     if (!strcmp(mode, "connect")) {
         int s = connect_to(port);
         printf("CONNECTED pid=%d fd=%d\n", (int)getpid(), s);
@@ -112,17 +123,19 @@ static void worker(const char *mode, int l, int port, int backend)
         gid_t none[1] = { 65534 };
         if (setgroups(1, none) < 0 || setgid(65534) < 0 || setuid(65534) < 0)
             die("setuid:");
+        die_with_parent(parent);
         mode = "one";
     }
     if (!strcmp(mode, "nested")) {
+        pid_t worker_pid = getpid();
         pid_t g = fork();
         if (g < 0)
             die("fork:");
         if (g > 0)
             for (;;)
                 pause();
-        prctl(PR_SET_PDEATHSIG, SIGKILL); /* ends with the worker the parent kills */
-        mode = "one"; /* the grandchild */
+        die_with_parent(worker_pid); /* the grandchild ends with the worker the parent kills */
+        mode = "one";
     }
     if (!strcmp(mode, "mt")) {
         pthread_t t[8];
@@ -171,11 +184,12 @@ int main(int argc, char **argv)
     int port = local_port(l);
     printf("READY port=%d\n", port);
     fflush(stdout);
+    pid_t parent = getpid();
     pid_t w = !strcmp(mode, "forkfn") ? _Fork() : fork();
     if (w < 0)
         die("fork:");
     if (w == 0)
-        worker(mode, l, port, backend);
+        worker(mode, l, port, backend, parent);
     printf("WORKER pid=%d\n", (int)w);
     char b[64];
     while (!g_term && read(0, b, sizeof b) > 0)

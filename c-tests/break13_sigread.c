@@ -24,6 +24,7 @@
 #define _GNU_SOURCE
 #include "common.h"
 #include <pthread.h>
+#include <sys/prctl.h>
 #include <sys/time.h>
 #include <sys/wait.h>
 
@@ -72,8 +73,12 @@ static int threads(void)
     return n;
 }
 
-static void work(long run_ms)
+static void work(long run_ms, pid_t parent)
 {
+    /* Ends with the parent, which the test may kill: no worker is left behind. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent)
+        _exit(0);
     sigset_t alrm;
     sigemptyset(&alrm);
     sigaddset(&alrm, SIGALRM);
@@ -141,11 +146,12 @@ int main(int argc, char **argv)
     fflush(stdout);
     int done = 0, hung = 0;
     for (long i = 0; i < workers && !g_term; i++) {
+        pid_t parent = getpid();
         pid_t w = fork();
         if (w < 0)
             die("fork:");
         if (w == 0)
-            work(run_ms);
+            work(run_ms, parent);
         long long deadline = now_ms() + run_ms + 2000;
         int ended = 0;
         while (now_ms() < deadline) {
