@@ -289,7 +289,7 @@ fn on_accepted(rt: &'static Runtime, lfd: c_int, nfd: c_int) {
     let inherited = lm.has(flag::CONFIGURED) && !lm.has(flag::CHECK_ACCEPTED);
     let flags = flag::CONNECTED | app | if inherited { flag::CONFIGURED } else { 0 };
     ns.track(nfd, Role::Accepted, lm.v6(), flags, sys::now_s());
-    watchdog::child_connection(nfd, ns.load().generation());
+    watchdog::child_connection(nfd, ns.load().generation(), true);
     if !inherited {
         if lm.has(flag::CHECK_ACCEPTED) && lm.has(flag::CONFIGURED) && keepalive::has_ours(nfd, &rt.ka, app) {
             // This connection completed its handshake after keepfix configured the listener. The
@@ -349,7 +349,7 @@ unsafe fn on_connect(rt: &'static Runtime, fd: c_int, addr: *const sockaddr, len
         s.update(|m| m.is_tracked().then(|| outbound(m).with_flags(flag::CONNECTING, 0)));
     }
     if r == 0 || e == libc::EINPROGRESS {
-        watchdog::child_connection(fd, s.load().generation());
+        watchdog::child_connection(fd, s.load().generation(), false);
     }
     watchdog::ensure_started(rt);
     reopen_own_fds(rt);

@@ -284,6 +284,28 @@ pub fn sigpipe_kills() -> bool {
     check(r).is_err() || old[0] == libc::SIG_DFL
 }
 
+/// Might the calling thread be running a signal handler? While a handler runs, the kernel keeps
+/// its signal blocked in that thread (unless SA_NODEFER): true if a signal blocked here now has a
+/// handler installed, or if the mask cannot be read. rt_sigprocmask and rt_sigaction as raw
+/// syscalls, reading only: one, plus one per blocked signal.
+pub fn maybe_in_signal_handler() -> bool {
+    let mut mask: u64 = 0;
+    // SAFETY: a query (no new mask); the kernel writes the current one into `mask` (8 bytes).
+    let r = unsafe {
+        syscall5(libc::SYS_rt_sigprocmask as usize, [libc::SIG_BLOCK as usize, 0, (&raw mut mask) as usize, 8, 0])
+    };
+    if check(r).is_err() {
+        return true;
+    }
+    (1..=64usize).filter(|s| mask & (1u64 << (s - 1)) != 0).any(|sig| {
+        // struct kernel_sigaction: handler, flags, restorer, mask.
+        let mut old = [0usize; 4];
+        // SAFETY: a query (no new action); the kernel writes the old one into `old`.
+        let r = unsafe { syscall5(libc::SYS_rt_sigaction as usize, [sig, 0, (&raw mut old) as usize, 8, 0]) };
+        check(r).is_err() || (old[0] != libc::SIG_DFL && old[0] != libc::SIG_IGN)
+    })
+}
+
 /// Sets SO_LINGER off: the close that follows returns at once and the kernel still delivers
 /// what is queued, instead of waiting inside close().
 pub fn linger_off(fd: RawFd) {

@@ -214,12 +214,14 @@ pub fn emit(level: Level, args: fmt::Arguments<'_>) {
     let now = sys::now_ms();
     refill(sink, now);
     write_suppressed(sink, dest, now, false);
-    if sink.tokens_milli >= 1000 && sink.suppressed == 0 {
+    if sink.tokens_milli >= 1000 {
+        // Within the rate: written, even while a `suppressed` count waits for its interval (a
+        // line held then would be lost, not late: an `rlimit_nofile` or `sandboxed` after a flood).
         sink.tokens_milli -= 1000;
         write_line(sink, dest, level, args);
     } else {
-        // Over the rate, or lines are being held back already (a `suppressed` line is due):
-        // one more for it to count, so that the log never shows a gap it does not explain.
+        // Over the rate: one more for the `suppressed` line to count, so that the log never
+        // shows a gap it does not explain.
         if sink.suppressed == 0 {
             sink.suppressed_since_ms = now;
         }
@@ -229,16 +231,17 @@ pub fn emit(level: Level, args: fmt::Arguments<'_>) {
 }
 
 /// Writes the `suppressed` line for the lines held back, at most once per
-/// SUPPRESSED_EVERY_MS (`force`: at exit, whatever the time), and when the rate allows.
+/// SUPPRESSED_EVERY_MS and when the rate allows (`force`: at exit or before keepfix goes silent
+/// under a seccomp filter, whatever the time and the rate: the last chance to say it).
 fn write_suppressed(sink: &mut SinkState, dest: &Dest, now: u64, force: bool) {
-    if sink.suppressed == 0 || sink.tokens_milli < 1000 {
+    if sink.suppressed == 0 || (sink.tokens_milli < 1000 && !force) {
         return;
     }
     let due = sink.suppressed_written_ms == 0 || now.saturating_sub(sink.suppressed_written_ms) >= SUPPRESSED_EVERY_MS;
     if !due && !force {
         return;
     }
-    sink.tokens_milli -= 1000;
+    sink.tokens_milli = sink.tokens_milli.saturating_sub(1000);
     let e = Event::Suppressed { lines: sink.suppressed, seconds: now.saturating_sub(sink.suppressed_since_ms) / 1000 };
     sink.suppressed = 0;
     sink.suppressed_written_ms = now.max(1);
@@ -246,7 +249,7 @@ fn write_suppressed(sink: &mut SinkState, dest: &Dest, now: u64, force: bool) {
 }
 
 /// Writes out a pending `suppressed` line when it is due; the watchdog calls it each tick, and
-/// the destructor with `at_exit` (then whenever the rate allows).
+/// the destructor (and the seccomp pause) with `at_exit` (then at once, whatever the rate).
 pub fn flush_suppressed(at_exit: bool) {
     if SINK_BUSY.swap(true, Acquire) {
         return;

@@ -166,34 +166,43 @@ pub fn is_lazy() -> bool {
     STATE.load(Relaxed) == LAZY
 }
 
-/// The last connection a LAZY child accepted or connected: (fd << 32) | generation, or 0.
-static CHILD_CONN: AtomicU64 = AtomicU64::new(0);
+/// The last connection a LAZY child connected ([0]) and the last it accepted ([1]): (fd << 32) |
+/// generation, or 0. Two words: a prefork proxy's worker connects to its backend after it
+/// accepted its client, and must still be seen holding the client when it closed the backend.
+static CHILD_CONN: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
-/// A LAZY child accepted or connected `fd` (slot generation `generation`).
+/// A LAZY child accepted (`accepted`) or connected `fd` (slot generation `generation`). A
+/// _Fork() child is repaired first: its repair clears these words.
 #[inline]
-pub fn child_connection(fd: i32, generation: u32) {
+pub fn child_connection(fd: i32, generation: u32, accepted: bool) {
+    settings::check_forked();
     if is_lazy() {
-        CHILD_CONN.store((u64::from(fd as u32) << 32) | u64::from(generation), Relaxed);
+        if let Some(c) = CHILD_CONN.get(usize::from(accepted)) {
+            c.store((u64::from(fd as u32) << 32) | u64::from(generation), Relaxed);
+        }
     }
 }
 
 /// A LAZY child is about to block in accept(): if it still holds the last connection it accepted
-/// (a prefork worker that left it open), it needs a watchdog now, whatever its age: nothing else
-/// may run in it for hours. Two loads when it closed it.
+/// or connected (a prefork worker that left it open), it needs a watchdog now, whatever its age:
+/// nothing else may run in it for hours. A few loads when it closed them.
 #[inline]
 pub fn child_accepting(rt: &'static Runtime) {
+    // An unrepaired _Fork() child still has its parent's RUNNING: repaired here, it is LAZY.
+    settings::check_forked();
     if !is_lazy() {
         return;
     }
-    let c = CHILD_CONN.load(Relaxed);
-    if c == 0 {
-        return child_due(rt);
-    }
-    let (fd, generation) = ((c >> 32) as i32, c as u32);
-    if crate::hooksafe::fdtable::slot(fd).is_some_and(|s| {
-        let m = s.load();
-        m.is_tracked() && m.generation() == generation
-    }) {
+    let held = CHILD_CONN.iter().any(|c| {
+        let c = c.load(Relaxed);
+        let (fd, generation) = ((c >> 32) as i32, c as u32);
+        c != 0
+            && crate::hooksafe::fdtable::slot(fd).is_some_and(|s| {
+                let m = s.load();
+                m.is_tracked() && m.generation() == generation
+            })
+    });
+    if held {
         start_child(rt);
     } else {
         child_due(rt);
@@ -202,13 +211,25 @@ pub fn child_accepting(rt: &'static Runtime) {
 
 #[cold]
 fn start_child(rt: &'static Runtime) {
-    if STATE.compare_exchange(LAZY, IDLE, SeqCst, Relaxed).is_err() {
+    if !is_lazy() {
         return;
     }
     let _errno = sys::ErrnoGuard::save();
+    // accept() and connect() are async-signal-safe too, and a handler may call them while the
+    // thread it interrupted is inside malloc(): pthread_create() would then wait for ever for the
+    // arena lock (it callocs the new thread's TLS vector). Not from a handler: a tick later, the
+    // next hook tries again.
+    if sys::maybe_in_signal_handler() {
+        let tick = settings::get().map_or(1000, |rt| rt.cfg.scan_interval_ms.max(1));
+        LAZY_DUE_MS.store(sys::now_ms() + tick, Relaxed);
+        return;
+    }
     // The task limit, as prepare_fork would have checked it: only the parent can give a task back.
-    if !tasks_far_away() {
-        STATE.store(STOPPED, Relaxed);
+    // Read before the state changes: a store of STOPPED after LAZY -> IDLE could overwrite the
+    // RUNNING of a thread another hook started meanwhile (from IDLE, without this check), and a
+    // pause would then not end that thread before a setuid.
+    let far = tasks_far_away();
+    if STATE.compare_exchange(LAZY, if far { IDLE } else { STOPPED }, SeqCst, Relaxed).is_err() || !far {
         return;
     }
     start(rt);
@@ -382,6 +403,8 @@ fn log_sandboxed() {
         return;
     }
     log::event(&Event::Sandboxed);
+    // keepfix makes no system call from now on: the count of lines held back is said now or never.
+    log::flush_suppressed(true);
 }
 
 /// Called by fork()'s prepare handler: decides whether the child may start a watchdog of its own.
@@ -479,7 +502,9 @@ pub fn after_fork_child() {
     }
     set!(IS_CHILD, true);
     set!(RAN_HERE, false);
-    set!(CHILD_CONN, 0);
+    for c in &CHILD_CONN {
+        set!(c, 0);
+    }
     let st = STATE.load(Relaxed);
     if st == RUNNING || (st == PAUSED && !settings::sandboxed()) || (st == IDLE && pending) || st == LAZY {
         if CHILD_MAY_START.load(Relaxed) {

@@ -41,7 +41,7 @@ pub fn for_each_open_fd(f: &mut dyn FnMut(RawFd)) -> bool {
 }
 
 /// The largest soft limit below which the fds are probed one by one when /proc cannot be read.
-const PROBE_MAX: u64 = 16384;
+pub const PROBE_MAX: u64 = 16384;
 
 /// Without a /proc/self/fd to read (lean mode, see ownfd::LEAN_BELOW, or no fd free to open it
 /// with): asks the kernel about each number below the soft limit, one fcntl(F_GETFD) each,

@@ -164,11 +164,16 @@ pub fn vacate_forgotten_many(rt: &Runtime, n: usize) -> usize {
     all.iter().take(n).filter(|&&(_, fd, m, ino)| release::vacate(rt, fd, m, ino)).count()
 }
 
-/// How many fds the process holds now: counted, or at least the highest number the kernel handed
-/// out plus one (when no count can be taken). For lines and metrics.
+/// How many fds the process holds now: counted, or (when no count can be taken) at least the
+/// open numbers up to the highest accept() ever returned, probed now. Not that number plus one:
+/// it never goes down, and a server that peaked and closed its fds would be said to hold them
+/// still. One fcntl per number, at most fds::PROBE_MAX. For lines and metrics.
 pub fn used_now() -> Used {
     match count_open_fds() {
         Some(n) => Used::Counted(n),
-        None => Used::AtLeast(u64::try_from(MAX_FD_SEEN.load(Relaxed).saturating_add(1)).unwrap_or(0)),
+        None => {
+            let top = MAX_FD_SEEN.load(Relaxed).min(crate::watchdog::fds::PROBE_MAX as i32 - 1);
+            Used::AtLeast((0..=top).filter(|&fd| sys::fd_exists(fd)).count() as u64)
+        }
     }
 }
