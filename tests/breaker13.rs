@@ -29,6 +29,12 @@ fn client_then_fin(port: u16) -> TcpStream {
 /// EOF and blocks in accept(). True if, within 4 s (13 ticks), the worker got a watchdog of its
 /// own and reported the leaked socket under its own pid.
 fn worker_leak_is_found(mode: &str) -> (bool, String) {
+    let (found, why, _p) = worker_leak_is_found_alive(mode);
+    (found, why)
+}
+
+/// As worker_leak_is_found, with the server still running (its Proc) for a look from outside.
+fn worker_leak_is_found_alive(mode: &str) -> (bool, String, Proc) {
     let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let bport = backend.local_addr().unwrap().port().to_string();
     let mut p = Run::new("break13_lazy")
@@ -57,7 +63,7 @@ fn worker_leak_is_found(mode: &str) -> (bool, String) {
         std::thread::sleep(Duration::from_millis(50));
     };
     let why = format!("worker {w} ({mode}) threads={} leaked fd={fd}; stderr:\n{}", threads(w), p.stderr());
-    (found, why)
+    (found, why, p)
 }
 
 /// Control (HELD): a prefork worker that goes back to accept() holding the connection it accepted
@@ -111,7 +117,8 @@ fn a_lazy_worker_that_drops_privileges_gets_an_unprivileged_watchdog() {
     if !require_root("setuid to nobody") {
         return;
     }
-    let (found, why) = worker_leak_is_found("setuid");
+    // The server stays up (its workers die with it) while the worker's tasks are read.
+    let (found, why, _server) = worker_leak_is_found_alive("setuid");
     assert!(found, "{why}");
     let pid: i32 = why.split_whitespace().nth(1).unwrap().parse().unwrap();
     let tid = std::fs::read_dir(format!("/proc/{pid}/task"))
