@@ -234,6 +234,11 @@ fn proc_file(cell: &AtomicI32, path: &str, flags: OFlags) -> Option<RawFd> {
     if lean() {
         return None;
     }
+    let until = GAVE_WAY_UNTIL.load(Relaxed);
+    if until != 0 && sys::now_s() < until {
+        let fd = cell.load(Acquire);
+        return (fd >= 0 && is_own(fd)).then_some(fd);
+    }
     if crate::hooksafe::settings::on_watchdog_thread() {
         let fd = cell.load(Acquire);
         if fd >= 0 && is_own(fd) && PROC_PID.load(Relaxed) == sys::getpid() {
@@ -241,11 +246,6 @@ fn proc_file(cell: &AtomicI32, path: &str, flags: OFlags) -> Option<RawFd> {
         }
         want_reopen();
         return None;
-    }
-    let until = GAVE_WAY_UNTIL.load(Relaxed);
-    if until != 0 && sys::now_s() < until {
-        let fd = cell.load(Acquire);
-        return (fd >= 0 && is_own(fd)).then_some(fd);
     }
     let pid = sys::getpid();
     if PROC_PID.load(Relaxed) != pid {

@@ -297,10 +297,14 @@ pub fn render(detector: &Detector, _monitor: &Monitor, now: u64, program: &str) 
         &[("", release::program_closed() as f64)],
     );
     // Counted for this write (one fstat of /proc/self/fd): never an old count. When no count can
-    // be taken, the lower bound goes under its own name, and keepfix_fds_used is absent.
+    // be taken, the lower bound goes under its own name, and keepfix_fds_used is absent; when not
+    // even that (probing is at most once a second), neither is written.
     match monitor::used_now() {
-        Used::Counted(n) => metric(name::FDS_USED, "gauge", "Open fds, counted for this write.", &[("", n as f64)]),
-        Used::AtLeast(n) => metric(
+        None => {}
+        Some(Used::Counted(n)) => {
+            metric(name::FDS_USED, "gauge", "Open fds, counted for this write.", &[("", n as f64)])
+        }
+        Some(Used::AtLeast(n)) => metric(
             name::FDS_USED_MIN,
             "gauge",
             "At least this many fds are open (no count could be taken for this write).",

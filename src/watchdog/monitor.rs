@@ -17,6 +17,8 @@ use rustix::fd::RawFd;
 /// /proc/self/fd with, at a full table, and too many numbers to probe one by one).
 pub fn census() -> Breakdown {
     let mut c = Census::default();
+    // Rare (an EMFILE batch, a warning level) and read by an operator: probes whatever the time.
+    crate::watchdog::fds::allow_next_probe();
     let counted = crate::watchdog::fds::for_each_open_fd(&mut |fd| {
         c.used += 1;
         let mut tracked = false;
@@ -167,13 +169,17 @@ pub fn vacate_forgotten_many(rt: &Runtime, n: usize) -> usize {
 /// How many fds the process holds now: counted, or (when no count can be taken) at least the
 /// open numbers up to the highest accept() ever returned, probed now. Not that number plus one:
 /// it never goes down, and a server that peaked and closed its fds would be said to hold them
-/// still. One fcntl per number, at most fds::PROBE_MAX. For lines and metrics.
-pub fn used_now() -> Used {
+/// still. One fcntl per number, at most fds::PROBE_MAX, and at most once a second on keepfix's
+/// thread (fds::probe_allowed): None when neither can be had now. For lines and metrics.
+pub fn used_now() -> Option<Used> {
     match count_open_fds() {
-        Some(n) => Used::Counted(n),
+        Some(n) => Some(Used::Counted(n)),
         None => {
             let top = MAX_FD_SEEN.load(Relaxed).min(crate::watchdog::fds::PROBE_MAX as i32 - 1);
-            Used::AtLeast((0..=top).filter(|&fd| sys::fd_exists(fd)).count() as u64)
+            if top < 0 || !crate::watchdog::fds::probe_allowed(top as u64 + 1) {
+                return None;
+            }
+            Some(Used::AtLeast((0..=top).filter(|&fd| sys::fd_exists(fd)).count() as u64))
         }
     }
 }

@@ -2,7 +2,7 @@
 //! record becomes an Event (event.rs says how it reads).
 
 use crate::addr::Addr;
-use crate::event::{Action, Breakdown, EmfileAction, Event};
+use crate::event::{Action, Breakdown, EmfileAction, Event, Used};
 use crate::hooksafe::{emfile, keepalive, log, ring};
 use crate::watchdog::monitor;
 
@@ -53,7 +53,11 @@ pub fn report_deferred(_monitor: &monitor::Monitor) {
             log::event(&Event::ChildrenWithoutWatchdog { rlimit_nproc: a, system_tasks: b })
         }
         Deferred::RlimitChanged => {
-            log::event(&Event::RlimitNofile { soft: a, hard: b, used: monitor::used_now() });
+            log::event(&Event::RlimitNofile {
+                soft: a,
+                hard: b,
+                used: monitor::used_now().unwrap_or(Used::AtLeast(0)),
+            });
         }
     });
     let dropped = ring::take_dropped();
