@@ -12,11 +12,11 @@ pub enum Deferred {
     AppKeepaliveOff = 1,
     /// A keepalive setsockopt failed; a = option, b = errno.
     KeepaliveFailed = 2,
-    /// A hook waited 5 s for a release that never ended (a bug): it took the slot over.
+    /// A hook waited fdtable::WAIT_US for a release or an own-fd use and went on without it.
     StuckRelease = 3,
     /// select() with nfds > FD_SETSIZE; a = nfds.
     SelectTooBig = 4,
-    /// accept() hit EMFILE; a = what keepfix did (see nofile), b = errno.
+    /// accept() hit EMFILE; a = what keepfix did (see emfile), b = errno or the numbers freed.
     Emfile = 5,
     /// setrlimit/prlimit changed RLIMIT_NOFILE; a = new soft limit, b = new hard limit.
     RlimitChanged = 6,

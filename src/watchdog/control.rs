@@ -553,7 +553,7 @@ fn run(rt: &'static Runtime) {
     loop {
         let stop = STOP.load(Acquire);
         if stop != STOP_NONE {
-            report_deferred(&monitor);
+            report_deferred();
             match stop {
                 STOP_FORK => log::event(&Event::WatchdogStopped(Stopped::ForkEagain)),
                 STOP_SANDBOX => log_sandboxed(),
@@ -568,7 +568,7 @@ fn run(rt: &'static Runtime) {
             next_cred_check = sys::now_ms() + 250;
             credentials_differ()
         } {
-            report_deferred(&monitor);
+            report_deferred();
             if !CRED_LOGGED.swap(true, Relaxed) {
                 log::event(&Event::WatchdogStopped(Stopped::CredentialsChanged));
             }
@@ -578,7 +578,7 @@ fn run(rt: &'static Runtime) {
             return;
         }
         let now = sys::now_ms();
-        report_deferred(&monitor);
+        report_deferred();
         if now >= next || poked {
             let t0 = clock_ns(rustix::time::ClockId::Monotonic);
             detector.repair();
@@ -590,7 +590,7 @@ fn run(rt: &'static Runtime) {
             TICK_LAST_NS.store(took, Relaxed);
             TICK_MAX_NS.fetch_max(took, Relaxed);
             CPU_NS.store(clock_ns(rustix::time::ClockId::ThreadCPUTime), Relaxed);
-            metrics.write(&detector, &monitor, now);
+            metrics.write(&detector, now);
             log::flush_suppressed(false);
             next = now + interval;
         }
@@ -641,7 +641,7 @@ fn credentials_differ() -> bool {
 pub fn at_exit() {
     // Under the program's seccomp filter keepfix makes no system call, not even at exit.
     if settings::get().is_some() && !settings::sandboxed() {
-        report_deferred(&monitor::Monitor::new());
+        report_deferred();
         log::flush_suppressed(true);
     }
 }

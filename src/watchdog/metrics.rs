@@ -23,7 +23,7 @@ use crate::hooksafe::release;
 use crate::hooksafe::settings::Runtime;
 use crate::sys;
 use crate::watchdog::detector::Detector;
-use crate::watchdog::monitor::{self, Monitor};
+use crate::watchdog::monitor;
 use core::fmt::Write as _;
 
 pub struct Writer {
@@ -95,7 +95,7 @@ impl Writer {
         Writer { path, dir, program: rt.program.clone(), failed_logged: false, identity, sweep_at_ms: 0 }
     }
 
-    pub fn write(&mut self, detector: &Detector, monitor: &Monitor, now: u64) {
+    pub fn write(&mut self, detector: &Detector, now: u64) {
         let Some((path, tmp)) = &self.path else { return };
         if let Some(id) = self.identity {
             if now >= self.sweep_at_ms {
@@ -107,7 +107,7 @@ impl Writer {
             Some(id) => header(&id),
             None => format!("# keepfix pid={}\n", sys::getpid()),
         };
-        text.push_str(&render(detector, monitor, now, &self.program));
+        text.push_str(&render(detector, now, &self.program));
         // A failure is said once, and so is the recovery: a stale file never goes unnoticed.
         use core::sync::atomic::Ordering::*;
         let me = sys::getpid();
@@ -213,7 +213,7 @@ fn write_atomically(path: &str, tmp: &str, bytes: &[u8]) -> Result<(), rustix::i
 }
 
 /// The file's text.
-pub fn render(detector: &Detector, _monitor: &Monitor, now: u64, program: &str) -> String {
+pub fn render(detector: &Detector, now: u64, program: &str) -> String {
     let pid = sys::getpid();
     let mut roles = [0u64; 6];
     let (mut tracked, mut released, mut vacated) = (0u64, 0u64, 0u64);

@@ -8,7 +8,7 @@ use crate::watchdog::monitor;
 
 /// Writes the lines hooks deferred. Also called by the destructor at exit, so that a short-lived
 /// program's events are not lost.
-pub fn report_deferred(_monitor: &monitor::Monitor) {
+pub fn report_deferred() {
     use ring::Deferred;
     // A census reads every fd: at most one per batch, however many EMFILE events came.
     let mut census: Option<Breakdown> = None;
